@@ -1,0 +1,169 @@
+"""The captioner API that the CNN-GRU and GIT models share.
+
+A captioner is a `keras_hub.models.CausalLM` whose functional inputs are
+`{"images": float [B, H, W, C], "token_ids": int [B, T], "padding_mask": bool [B, T]}`
+and whose output is next-token logits `[B, T, vocab]`. Its preprocessor is a
+`CaptionPreprocessor`. A subclass supplies two methods and gets `generate()`
+with every keras-hub sampler (greedy, beam, top-k, top-p, ...):
+
+- `_build_cache(images, token_ids, padding_mask) -> (hidden_states, cache)`:
+  encode the images once and run the prompt; `cache` is any nest of tensors
+  whose leading axis is the batch (beam search repeats it per beam).
+- `call_with_cache(token_ids, cache, cache_update_index) -> (logits, hidden_states, cache)`:
+  one decoding step for text position `cache_update_index` (0 is [CLS]).
+"""
+
+from __future__ import annotations
+
+import keras
+import keras_hub
+import numpy as np
+from keras import ops
+
+SAMPLERS = ("greedy", "beam", "top_k", "top_p", "random")
+
+
+def get_sampler(sampler="greedy", num_beams: int = 3, k: int = 5, p: float = 0.9, seed=None):
+    """A keras-hub sampler from a name (or the instance itself)."""
+    if isinstance(sampler, keras_hub.samplers.Sampler):
+        return sampler
+    if sampler == "greedy":
+        return keras_hub.samplers.GreedySampler()
+    if sampler == "beam":
+        return keras_hub.samplers.BeamSampler(num_beams=num_beams)
+    if sampler == "top_k":
+        return keras_hub.samplers.TopKSampler(k=k, seed=seed)
+    if sampler == "top_p":
+        return keras_hub.samplers.TopPSampler(p=p, seed=seed)
+    if sampler == "random":
+        return keras_hub.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"Unknown sampler {sampler!r}; choose one of {SAMPLERS} or pass a keras_hub Sampler.")
+
+
+class ImageCaptioner(keras_hub.models.CausalLM):
+    """Base class: image-conditioned causal LM with `generate()` and caption scoring."""
+
+    def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="greedy", **kwargs):
+        """Like `CausalLM.compile`, with masked token accuracy and a greedy default sampler."""
+        if optimizer == "auto":
+            optimizer = keras.optimizers.Adam(1e-3)
+        if weighted_metrics == "auto":
+            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="token_accuracy")]
+        super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
+
+    @property
+    def image_config(self) -> dict:
+        """How `pipelines.images.preprocess_image` must prepare this model's pixels."""
+        return self.preprocessor.image_config
+
+    # --- to be supplied by subclasses -------------------------------------------------
+    def _build_cache(self, images, token_ids, padding_mask):
+        raise NotImplementedError
+
+    def call_with_cache(self, token_ids, cache, cache_update_index):
+        raise NotImplementedError
+
+    # --- generation -------------------------------------------------------------------
+    def generate_step(self, inputs, stop_token_ids=None):
+        """One compilable batch of generation: the keras-hub sampler loop over `call_with_cache`."""
+        images, token_ids, padding_mask = inputs["images"], inputs["token_ids"], inputs["padding_mask"]
+        hidden_states, cache = self._build_cache(images, token_ids, padding_mask)
+        index = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=-1))
+
+        def next(prompt, cache, index):
+            batch_size = ops.shape(prompt)[0]
+            last = ops.slice(prompt, [0, index - 1], [batch_size, 1])
+            logits, hidden, cache = self.call_with_cache(last, cache, index - 1)
+            return ops.squeeze(logits, axis=1), ops.squeeze(hidden, axis=1), cache
+
+        token_ids = self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=hidden_states,
+            model=self,
+        )
+        return {"token_ids": token_ids, "padding_mask": generated_mask(token_ids, padding_mask, stop_token_ids)}
+
+    def token_log_probs(self, inputs):
+        """Teacher-forced log-probability of each token `token_ids[:, 1:]`, zero where masked."""
+        logits = self(
+            {
+                "images": inputs["images"],
+                "token_ids": inputs["token_ids"][:, :-1],
+                "padding_mask": inputs["padding_mask"][:, :-1],
+            }
+        )
+        log_probs = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
+        targets = ops.expand_dims(inputs["token_ids"][:, 1:], -1)
+        picked = ops.squeeze(ops.take_along_axis(log_probs, targets, axis=-1), -1)
+        return picked * ops.cast(inputs["padding_mask"][:, 1:], "float32")
+
+    def generate(
+        self,
+        images,
+        max_length: int | None = None,
+        sampler="greedy",
+        num_beams: int = 3,
+        batch_size: int = 32,
+        return_details: bool = False,
+    ):
+        """Caption preprocessed images (`[B, H, W, C]` floats from `pipelines.images`).
+
+        Returns a list of caption strings, or with `return_details` a dict with
+        `captions`, `scores` (mean log-probability per generated token, [SEP]
+        included), `token_ids` and `token_log_probs`.
+        """
+        sampler = get_sampler(sampler, num_beams=num_beams)
+        if getattr(self, "sampler", None) is not sampler:
+            self.sampler, self.generate_function = sampler, None
+        generate_function = self.make_generate_function()
+        max_length = max_length or self.preprocessor.sequence_length
+        images = np.asarray(images, dtype="float32")
+        stop = (self.preprocessor.tokenizer.end_token_id,)
+        details = {"captions": [], "scores": [], "token_ids": [], "token_log_probs": []}
+        for start in range(0, len(images), batch_size):
+            inputs = self.preprocessor.generate_preprocess(
+                {"images": images[start : start + batch_size]}, sequence_length=max_length
+            )
+            outputs = generate_function(inputs, stop_token_ids=stop)
+            scored = {"images": inputs["images"], **outputs}
+            log_probs = ops.convert_to_numpy(self.token_log_probs(scored))
+            mask = ops.convert_to_numpy(outputs["padding_mask"])[:, 1:]
+            captions = self.preprocessor.generate_postprocess(
+                {k: ops.convert_to_numpy(v) for k, v in outputs.items()}
+            )
+            details["captions"] += [as_text(c) for c in np.atleast_1d(ops.convert_to_numpy(captions))]
+            details["scores"] += list(log_probs.sum(-1) / np.maximum(mask.sum(-1), 1))
+            details["token_ids"] += list(ops.convert_to_numpy(outputs["token_ids"]))
+            details["token_log_probs"] += [row[m] for row, m in zip(log_probs, mask.astype(bool))]
+        if not return_details:
+            return details["captions"]
+        details["scores"] = np.asarray(details["scores"], dtype="float32")
+        return details
+
+    def get_config(self) -> dict:
+        return super().get_config()
+
+
+def as_text(value) -> str:
+    """A detokenized caption (bytes or str) as a clean Python string."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    return " ".join(str(value).split())
+
+
+def generated_mask(token_ids, padding_mask, stop_token_ids):
+    """Mask of the prompt and the generated tokens up to and including the first stop token."""
+    if stop_token_ids is None:
+        return ops.ones_like(token_ids, dtype="bool")
+    is_stop = ops.zeros_like(token_ids, dtype="bool")
+    for stop_id in stop_token_ids:
+        is_stop = ops.logical_or(is_stop, ops.equal(token_ids, stop_id))
+    is_stop = ops.logical_and(is_stop, ops.logical_not(padding_mask))
+    stops = ops.cast(is_stop, "int32")
+    after_stop = ops.cumsum(stops, axis=-1) - stops
+    return ops.logical_not(ops.cast(after_stop, "bool"))

@@ -1,0 +1,40 @@
+"""medcap: radiology image captioning with Keras 3, tf.data and TensorFlow Serving."""
+
+from setuptools import find_packages, setup
+
+# The stack that is known to install and import together (see DEVELOPERS.md).
+CORE = [
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "keras==3.15.*",
+    "keras-hub==0.32.*",
+    "tensorflow-serving-api==2.21.0",
+    "grpcio",
+    "numpy",
+    "pillow",
+    "matplotlib",
+    "pandas",
+    "pydicom",
+    "pycocoevalcap",
+    "tqdm",
+]
+EXTRAS = {
+    # torch==2.13.0 is the CPU build on local disk; any other spec pulls CUDA.
+    "torch": ["torch==2.13.0", "transformers", "safetensors"],
+    "app": ["streamlit"],
+    "notebooks": ["nbclient", "nbformat", "ipykernel"],
+    "test": ["pytest", "hypothesis"],
+}
+EXTRAS["all"] = sorted({p for group in EXTRAS.values() for p in group})
+
+setup(
+    name="medcap",
+    version="0.1.0",
+    description="Radiology image captioning: CNN-GRU and GIT in Keras 3, served by TF Serving",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["keras_models*", "pipelines*", "export*", "serving*"]),
+    include_package_data=True,
+    package_data={"pipelines": ["examples/*.jpg", "examples/*.csv"]},
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,62 @@
+"""The run's `report.md`: what was trained on what, how long it took, and how well it did."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FIELD_ORDER = ("modality", "region", "view", "finding", "laterality", "size", "all_fields")
+METRIC_ORDER = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "ROUGE-1 F")
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def write_run_report(run_dir: Path, summary: dict) -> Path:
+    """Write report.md for a finished run and return its path."""
+    models = summary["models"]
+    names = list(models)
+    lines = [
+        "# medcap training run",
+        "",
+        f"- Dataset: `{summary['dataset']}`",
+        "- Splits (usable / listed): "
+        + ", ".join(f"{s} {v['usable']}/{v['total']}" for s, v in summary["splits"].items()),
+        f"- Evaluated on: **{summary['eval_split']}**; wall time of the whole run: "
+        f"{summary['wall_seconds'] / 60:.1f} min" + (" (resumed run: this process only)" if summary["resumed"] else ""),
+        "",
+        "## Models",
+        "",
+        "| model | preset | parameters | epochs | train time | stopped by budget | val loss | val token acc |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in models.items():
+        final = r["final"]
+        lines.append(
+            f"| {name} | {r['preset']} | {r['parameters']:,} | {r['epochs_run']} | {r['train_seconds'] / 60:.1f} min "
+            f"| {'yes' if r['stopped_by_time_budget'] else 'no'} | {_num(final.get('val_loss'))} "
+            f"| {_pct(final.get('val_token_accuracy'))} |"
+        )
+    lines += ["", "## Clinical field accuracy", "", "| field | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for field in FIELD_ORDER:
+        cells = [models[n]["metrics"]["fields"].get(field, {}) for n in names]
+        if all(c.get("accuracy") is None for c in cells):
+            continue
+        label = "all fields right (exact)" if field == "all_fields" else field
+        lines.append(f"| {label} | " + " | ".join(f"{_pct(c.get('accuracy'))} (n={c.get('support', 0)})" for c in cells) + " |")
+    lines += ["", "![field accuracy](field_accuracy.png)", "", "## Caption metrics (ImageCLEFmedical preprocessing)", ""]
+    lines += ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for metric in METRIC_ORDER:
+        lines.append(f"| {metric} | " + " | ".join(_num(models[n]["metrics"]["caption_metrics"].get(metric)) for n in names) + " |")
+    lines.append("| captions / second | " + " | ".join(str(models[n]["metrics"]["images_per_second"]) for n in names) + " |")
+    for name in names:
+        lines += ["", f"## {name}", "", f"![{name} curves]({name}/curves.png)", "", "| reference | prediction |", "|---|---|"]
+        for ex in models[name]["metrics"]["examples"]:
+            lines.append(f"| {ex['reference']} | {ex['prediction']} |")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,129 @@
+"""Train medcap's captioners on a ROCOv2-layout dataset (the embedded synthetic one by default).
+
+    python pipelines/train.py                       # synthetic data, both models, CPU presets
+    python pipelines/train.py --dataset ../shared/data/roco-ccby --model git
+    python pipelines/train.py --resume              # continue the latest run after a crash
+
+Everything a run makes lands in one run directory: per model the trained
+`model.keras`, `history.csv`, curves, predictions and metrics; at the top the
+vocabulary, the exact config and `report.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python pipelines/train.py` from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DEFAULT_CACHE = Path(os.environ.get("MEDCAP_CACHE_DIR", Path.home() / ".cache" / "medcap"))
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run; printed at the start and saved as config.json."""
+
+    dataset: str | None = None
+    model: str = "all"
+    preset: str = "small"
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    time_budget_minutes: float | None = None
+    vocabulary_size: int = 2000
+    sequence_length: int | None = None
+    max_train_examples: int | None = None
+    eval_split: str = "test"
+    out: str = "runs"
+    run_dir: str = ""
+    seed: int = 0
+    strict: bool = False
+    synthetic: dict = field(default_factory=lambda: {"n_train": 8000, "n_valid": 1000, "n_test": 1000})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
+    """Command-line options -> (config, run directory to resume or None)."""
+    p = argparse.ArgumentParser(
+        prog="python pipelines/train.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--dataset", help="ROCOv2-layout folder ({split}_captions.csv + {split}/ images). "
+                   "Default: the embedded synthetic radiology set, generated once and cached in "
+                   f"{DEFAULT_CACHE}/synthetic.")
+    p.add_argument("--model", choices=["cnn_gru", "git", "all"], default="all", help="which captioner(s) to train")
+    p.add_argument("--preset", default="small", help="model size preset: tiny (tests), small (CPU default), "
+                   "or a larger one listed by keras_models.registry.presets(model)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default: the preset's); early stopping may end sooner")
+    p.add_argument("--batch-size", type=int, help="examples per step (default: the preset's)")
+    p.add_argument("--learning-rate", type=float, help="peak Adam learning rate (default: the preset's)")
+    p.add_argument("--time-budget", type=float, dest="time_budget_minutes",
+                   help="stop a model's training after the epoch that would overrun this many minutes "
+                        "(default: the preset's CPU budget; 0 = no limit)")
+    p.add_argument("--vocab-size", type=int, default=2000, dest="vocabulary_size",
+                   help="WordPiece vocabulary size learned from the training captions")
+    p.add_argument("--sequence-length", type=int, help="maximum caption length in tokens (default: the preset's)")
+    p.add_argument("--max-train-examples", type=int, help="use only the first N training records (quick trials)")
+    p.add_argument("--eval-split", default="test", help="split to evaluate on at the end (falls back to valid)")
+    p.add_argument("--synthetic-size", type=int, nargs=3, metavar=("TRAIN", "VALID", "TEST"),
+                   help="image counts of the generated synthetic set (default 8000 1000 1000)")
+    p.add_argument("--out", default="runs", help="parent folder of run directories")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
+                   help="continue a killed run from its last finished epoch (default: the latest run in --out)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for data order, augmentation and weights")
+    p.add_argument("--strict", action="store_true",
+                   help="fail before training if any row has a missing/corrupt image or empty caption")
+    args = p.parse_args(argv)
+    resume = args.__dict__.pop("resume")
+    synthetic_size = args.__dict__.pop("synthetic_size")
+    cfg = TrainConfig(**vars(args))
+    if synthetic_size:
+        cfg.synthetic = dict(zip(("n_train", "n_valid", "n_test"), synthetic_size))
+    return cfg, resume
+
+
+def resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path]:
+    """A fresh timestamped run directory, or the one to resume with its saved config."""
+    if resume is None:
+        run_dir = Path(cfg.out) / time.strftime("%Y%m%d-%H%M%S")
+        run_dir.mkdir(parents=True, exist_ok=False)
+        cfg.run_dir = str(run_dir)
+        return cfg, run_dir
+    if resume == "latest":
+        runs = sorted(p for p in Path(cfg.out).glob("*") if (p / "config.json").is_file())
+        if not runs:
+            sys.exit(f"--resume: no run with a config.json in {cfg.out}/ to continue.")
+        run_dir = runs[-1]
+    else:
+        run_dir = Path(resume)
+        if not (run_dir / "config.json").is_file():
+            sys.exit(f"--resume: {run_dir} has no config.json; is it a run directory?")
+    saved = TrainConfig(**json.loads((run_dir / "config.json").read_text()))
+    saved.run_dir = str(run_dir)
+    return saved, run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the whole job: data, vocabulary, training, evaluation, plots and report."""
+    cfg, resume = parse_args(argv)
+    cfg, run_dir = resolve_run_dir(cfg, resume)
+
+    from pipelines.training import run_training  # heavy imports after --help has been served
+
+    print("medcap training run\n" + json.dumps(asdict(cfg), indent=2), flush=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    report = run_training(cfg, run_dir, resumed=resume is not None, cache_dir=DEFAULT_CACHE)
+    print(f"\nDone. Outputs are in {run_dir.resolve()}\n  report: {report.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The training job behind `pipelines/train.py`: data -> vocabulary -> fit -> evaluate -> report."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import keras
+
+from keras_models.registry import MODELS, build_captioner, presets
+from pipelines.dataset import make_dataset
+from pipelines.evaluate_lib import predict_captions, score_predictions, set_seed, write_predictions
+from pipelines.plots import plot_field_accuracy, plot_history
+from pipelines.report import write_run_report
+from pipelines.rocov2 import list_splits, read_split
+from pipelines.text import build_vocabulary, load_vocabulary, make_tokenizer, save_vocabulary
+
+DONE_MARKER = "DONE.json"
+
+
+class TimeBudget(keras.callbacks.Callback):
+    """Stop after the epoch when one more epoch would overrun `minutes` of wall time."""
+
+    def __init__(self, minutes: float | None):
+        super().__init__()
+        self.seconds = (minutes or 0) * 60
+        self.stopped_early = False
+
+    def on_train_begin(self, logs=None):
+        self.start = time.perf_counter()
+        self.epochs_done = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.seconds:
+            return
+        self.epochs_done += 1
+        elapsed = time.perf_counter() - self.start
+        per_epoch = elapsed / self.epochs_done
+        if elapsed + per_epoch > self.seconds:
+            print(f"\nTime budget: stopping after epoch {epoch + 1} ({elapsed / 60:.1f} of {self.seconds / 60:.1f} min).")
+            self.stopped_early = True
+            self.model.stop_training = True
+
+
+def prepare_data(cfg, cache_dir: Path) -> tuple[Path, dict, dict]:
+    """The dataset root, its validated splits and their validation reports."""
+    if cfg.dataset:
+        root = Path(cfg.dataset)
+    else:
+        from pipelines.synthetic import ensure_dataset
+
+        root = ensure_dataset(cache_dir / "synthetic", seed=0, **cfg.synthetic)
+    splits, reports = {}, {}
+    available = list_splits(root)
+    if "train" not in available or "valid" not in available:
+        raise SystemExit(f"{root} needs train and valid splits (found: {available or 'none'}).")
+    for split in available:
+        records, report = read_split(root, split, strict=cfg.strict)
+        splits[split], reports[split] = records, report
+        print(f"{split}: {report.valid} of {report.total} records usable" + ("" if report.ok else f"\n{report.summary()}"))
+    if cfg.max_train_examples:
+        splits["train"] = splits["train"][: cfg.max_train_examples]
+    return root, splits, reports
+
+
+def prepare_tokenizer(cfg, run_dir: Path, train_records):
+    """The run's WordPiece tokenizer: learned from training captions once, then reused from vocab.txt."""
+    vocab_path = run_dir / "vocab.txt"
+    if vocab_path.is_file():
+        vocabulary = load_vocabulary(vocab_path)
+    else:
+        vocabulary = build_vocabulary([r.caption for r in train_records], cfg.vocabulary_size)
+        save_vocabulary(vocabulary, vocab_path)
+    print(f"vocabulary: {len(vocabulary)} WordPiece tokens -> {vocab_path}")
+    return make_tokenizer(vocabulary)
+
+
+def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path) -> dict:
+    """Fit one captioner with checkpoints, backup/restore, early stopping and a CSV log."""
+    model_dir = run_dir / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model_path = model_dir / "model.keras"
+    if (model_dir / DONE_MARKER).is_file():
+        print(f"\n[{name}] already trained in this run; loading {model_path}")
+        return {"model": keras.saving.load_model(model_path), **json.loads((model_dir / DONE_MARKER).read_text())}
+
+    preset = presets(name)[cfg.preset]
+    train_cfg = dict(preset.get("train", {}))
+    epochs = cfg.epochs or train_cfg.get("epochs", 10)
+    batch_size = cfg.batch_size or train_cfg.get("batch_size", 32)
+    learning_rate = cfg.learning_rate or train_cfg.get("learning_rate", 1e-3)
+    budget = cfg.time_budget_minutes if cfg.time_budget_minutes is not None else train_cfg.get("time_budget_minutes")
+
+    set_seed(cfg.seed)
+    model = build_captioner(name, cfg.preset, tokenizer, sequence_length=cfg.sequence_length)
+    train_ds = make_dataset(splits["train"], model.image_config, batch_size, training=True, seed=cfg.seed)
+    valid_ds = make_dataset(splits["valid"], model.image_config, batch_size, training=False)
+    steps = -(-len(splits["train"]) // batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        learning_rate / 10, decay_steps=max(1, epochs * steps), warmup_target=learning_rate,
+        warmup_steps=min(steps, 200), alpha=0.05,
+    )
+    model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
+    print(f"\n[{name}] preset {cfg.preset}: {model.count_params():,} parameters; "
+          f"{epochs} epochs max x {steps} steps of {batch_size}; lr {learning_rate:g}; "
+          f"time budget {budget or 'none'} min")
+    budget_cb = TimeBudget(budget)
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(model_dir / "backup"), double_checkpoint=True),
+        keras.callbacks.ModelCheckpoint(str(model_dir / "best.keras"), monitor="val_loss", save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True),
+        keras.callbacks.CSVLogger(str(model_dir / "history.csv"), append=True),
+        budget_cb,
+    ]
+    start = time.perf_counter()
+    history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
+    seconds = time.perf_counter() - start
+    model.save(model_path)
+    plot_history(model_dir / "history.csv", model_dir / "curves.png", f"{name} ({cfg.preset}) training")
+    info = {
+        "preset": cfg.preset,
+        "parameters": int(model.count_params()),
+        "epochs_run": len(history.epoch),
+        "train_seconds": round(seconds, 1),
+        "stopped_by_time_budget": budget_cb.stopped_early,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "final": {k: round(float(v[-1]), 4) for k, v in history.history.items() if v},
+    }
+    (model_dir / DONE_MARKER).write_text(json.dumps(info, indent=2))
+    return {"model": model, **info}
+
+
+def evaluate_one(name: str, model, records, model_dir: Path) -> dict:
+    """Caption the evaluation split, write predictions.csv and metrics.json."""
+    predictions = predict_captions(model, records)
+    write_predictions(model_dir / "predictions.csv", records, predictions["captions"])
+    metrics = score_predictions(records, predictions["captions"])
+    metrics["images_per_second"] = round(predictions["images_per_second"], 1)
+    metrics["examples"] = [
+        {"id": r.id, "reference": r.caption, "prediction": c}
+        for r, c in list(zip(records, predictions["captions"]))[:8]
+    ]
+    (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def run_training(cfg, run_dir: Path, resumed: bool, cache_dir: Path) -> Path:
+    """Train and evaluate every requested model; return the path of report.md."""
+    started = time.perf_counter()
+    root, splits, reports = prepare_data(cfg, cache_dir)
+    tokenizer = prepare_tokenizer(cfg, run_dir, splits["train"])
+    eval_split = cfg.eval_split if cfg.eval_split in splits else "valid"
+    names = MODELS if cfg.model == "all" else (cfg.model,)
+    results = {}
+    for name in names:
+        trained = train_one(name, cfg, tokenizer, splits, run_dir)
+        model = trained.pop("model")
+        print(f"\n[{name}] evaluating on {eval_split} ({len(splits[eval_split])} images)")
+        trained["metrics"] = evaluate_one(name, model, splits[eval_split], run_dir / name)
+        results[name] = trained
+    fields = {n: r["metrics"]["fields"] for n, r in results.items()}
+    plot_field_accuracy(fields, run_dir / "field_accuracy.png", f"Field accuracy on {eval_split}")
+    summary = {
+        "dataset": str(root),
+        "splits": {s: {"usable": r.valid, "total": r.total} for s, r in reports.items()},
+        "eval_split": eval_split,
+        "resumed": resumed,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "models": results,
+        "config": asdict(cfg),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return write_run_report(run_dir, summary)

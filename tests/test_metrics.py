@@ -1,0 +1,50 @@
+"""Caption metrics on a fixture whose values are worked out by hand."""
+
+import shutil
+
+import pytest
+
+from pipelines.metrics import caption_metrics, field_accuracy, imageclef_preprocess, rouge1_f
+
+
+def test_imageclef_preprocessing():
+    assert imageclef_preprocess("Chest X-ray, 2 views (PA/AP) on day 14.") == "chest x ray number views pa ap on day number"
+
+
+def test_rouge1_by_hand():
+    # 3 of 4 unigrams shared: P = R = 3/4, F = 3/4.
+    assert rouge1_f("a b c d", "a b c e") == pytest.approx(0.75)
+    # clipped counts: "a a" vs "a b": overlap 1, P = 1/2, R = 1/2.
+    assert rouge1_f("a b", "a a") == pytest.approx(0.5)
+    assert rouge1_f("x", "y") == 0.0
+
+
+def test_metric_path_by_hand():
+    refs = ["left lung nodule seen", "normal chest"]
+    preds = ["left lung mass seen", "normal chest"]
+    m = caption_metrics(refs, preds)
+    # BLEU-1: 3 + 2 matched of 4 + 2 candidate words, lengths equal (no brevity penalty) -> 5/6.
+    assert m["BLEU-1"] == pytest.approx(5 / 6, abs=1e-6)
+    # BLEU-2: bigrams matched: "left lung" (1 of 3) + "normal chest" (1 of 1) -> 2/4; geometric mean sqrt(5/6 * 1/2).
+    assert m["BLEU-2"] == pytest.approx((5 / 6 * 2 / 4) ** 0.5, abs=1e-6)
+    # ROUGE-L (beta 1.2): LCS 3 of 4 -> F = 0.75 for the first pair, 1.0 for the second.
+    assert m["ROUGE-L"] == pytest.approx((0.75 + 1.0) / 2, abs=1e-6)
+    assert m["ROUGE-1 F"] == pytest.approx((0.75 + 1.0) / 2)
+    if shutil.which("java"):
+        assert 0 < m["METEOR"] < 1
+    assert m["CIDEr"] > 0
+
+
+def test_perfect_predictions_score_one():
+    refs = ["axial ct of the head showing a small haemorrhage", "chest x ray pa view"]
+    m = caption_metrics(refs, refs)
+    assert m["BLEU-1"] == pytest.approx(1.0) and m["ROUGE-L"] == pytest.approx(1.0)
+
+
+def test_field_accuracy_counts_only_stated_fields():
+    refs = ["Axial CT of the abdomen showing a large cyst in the left kidney.", "MRI of the brain."]
+    preds = ["Axial CT of the abdomen showing a large cyst in the right kidney.", "CT of the brain."]
+    acc = field_accuracy(refs, preds)
+    assert acc["modality"]["accuracy"] == pytest.approx(0.5) and acc["modality"]["support"] == 2
+    assert acc["laterality"]["accuracy"] == 0.0 and acc["laterality"]["support"] == 1
+    assert acc["all_fields"]["accuracy"] == 0.0

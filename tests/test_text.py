@@ -1,0 +1,74 @@
+"""Caption normalisation, vocabulary and the one tokenizer (BERT-uncased specials)."""
+
+import numpy as np
+import pytest
+
+from keras_models.preprocessor import CaptionPreprocessor
+from pipelines.text import (
+    SPECIAL_TOKENS,
+    build_vocabulary,
+    load_vocabulary,
+    make_tokenizer,
+    normalize_caption,
+    save_vocabulary,
+)
+
+CAPTIONS = [
+    "Axial CT of the abdomen showing a large cyst in the left kidney (arrow).",
+    "Chest X-ray, PA view: no acute abnormality.",
+    "Sagittal T2-weighted MRI of the knee shows a small effusion.",
+] * 10
+
+
+@pytest.fixture(scope="module")
+def vocabulary():
+    return build_vocabulary(CAPTIONS, 300)
+
+
+def test_normalize_caption():
+    assert normalize_caption('  "Chest\n X-ray"  ') == "Chest X-ray"
+
+
+def test_vocabulary_has_bert_specials_first(vocabulary):
+    assert vocabulary[: len(SPECIAL_TOKENS)] == SPECIAL_TOKENS
+    assert vocabulary[0] == "[PAD]"
+
+
+def test_vocabulary_round_trips_through_vocab_txt(vocabulary, tmp_path):
+    path = save_vocabulary(vocabulary, tmp_path)
+    assert path.name == "vocab.txt"
+    assert load_vocabulary(tmp_path) == vocabulary
+    with pytest.raises(FileNotFoundError):
+        load_vocabulary(tmp_path / "missing.txt")
+
+
+def test_tokenizer_round_trip(vocabulary):
+    tok = make_tokenizer(vocabulary)
+    assert (tok.pad_token_id, tok.start_token_id, tok.end_token_id) == (0, 2, 3)
+    ids = tok("Axial CT of the abdomen showing a large cyst")
+    assert tok.detokenize(ids) == "axial ct of the abdomen showing a large cyst"
+    assert tok.token_to_id("[UNK]") in list(np.asarray(tok("zzqx")))  # unseen letters become [UNK]
+
+
+def test_vocabulary_without_specials_is_refused():
+    with pytest.raises(ValueError, match="special tokens"):
+        make_tokenizer(["a", "b"])
+
+
+def test_preprocessor_teacher_forcing_shift(vocabulary):
+    pre = CaptionPreprocessor(make_tokenizer(vocabulary), sequence_length=16)
+    x, y, w = pre({"images": np.zeros((2, 4, 4, 1), "float32"), "captions": CAPTIONS[:2]})
+    ids, mask = np.asarray(x["token_ids"]), np.asarray(x["padding_mask"])
+    assert ids.shape == (2, 16) and (ids[:, 0] == 2).all()  # [CLS] first
+    np.testing.assert_array_equal(np.asarray(y)[:, :-1], ids[:, 1:])  # next-token labels
+    assert np.asarray(w).dtype == bool and mask.sum() >= np.asarray(w).sum()
+    text = pre.generate_postprocess({"token_ids": ids, "padding_mask": mask})
+    assert text[1] == "chest x - ray , pa view : no acute abnormality ."
+
+
+def test_generate_prompt_is_one_cls_per_image(vocabulary):
+    pre = CaptionPreprocessor(make_tokenizer(vocabulary), sequence_length=8)
+    out = pre.generate_preprocess({"images": np.zeros((3, 4, 4, 1), "float32")}, sequence_length=6)
+    ids, mask = np.asarray(out["token_ids"]), np.asarray(out["padding_mask"])
+    assert ids.shape == (3, 6) and (ids[:, 0] == 2).all() and (ids[:, 1:] == 0).all()
+    assert mask[:, 0].all() and not mask[:, 1:].any()

@@ -90,6 +90,7 @@ class ImageCaptioner(keras_hub.models.CausalLM):
 
     def token_log_probs(self, inputs):
         """Teacher-forced log-probability of each token `token_ids[:, 1:]`, zero where masked."""
+        inputs = {key: ops.convert_to_tensor(value) for key, value in inputs.items()}
         logits = self(
             {
                 "images": inputs["images"],

@@ -34,7 +34,7 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["keras_models*", "pipelines*", "export*", "serving*"]),
     include_package_data=True,
-    package_data={"pipelines": ["examples/*.jpg", "examples/*.csv"]},
+    package_data={"pipelines": ["examples/*.csv", "examples/*.md", "examples/train/*", "examples/valid/*"]},
     install_requires=CORE,
     extras_require=EXTRAS,
 )

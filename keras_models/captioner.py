@@ -118,9 +118,10 @@ class ImageCaptioner(keras_hub.models.CausalLM):
         `captions`, `scores` (mean log-probability per generated token, [SEP]
         included), `token_ids` and `token_log_probs`.
         """
-        sampler = get_sampler(sampler, num_beams=num_beams)
-        if getattr(self, "sampler", None) is not sampler:
-            self.sampler, self.generate_function = sampler, None
+        key = (sampler, num_beams) if isinstance(sampler, str) else sampler
+        if getattr(self, "_sampler_key", None) != key:  # a new sampler means a new compiled function
+            self.sampler, self.generate_function = get_sampler(sampler, num_beams=num_beams), None
+            self._sampler_key = key
         generate_function = self.make_generate_function()
         max_length = max_length or self.preprocessor.sequence_length
         images = np.asarray(images, dtype="float32")

@@ -1,0 +1,192 @@
+"""GIT's functional backbone: CLIP ViT tokens and text embeddings through one BERT-style decoder."""
+
+from __future__ import annotations
+
+import keras
+import keras_hub
+from keras import ops
+
+from keras_models.git.git_vision_encoder import GitVisionEncoder, get_activation
+
+
+def _init():
+    return keras.initializers.RandomNormal(stddev=0.02)
+
+
+@keras.saving.register_keras_serializable(package="medcap")
+class GitAttentionMask(keras.layers.Layer):
+    """GIT's `[B, N+T, N+T]` mask over [image tokens; text tokens].
+
+    Image rows see every image token and no text; text rows see every image
+    token and the text up to and including themselves; padded text keys are hidden.
+    """
+
+    def __init__(self, num_image_tokens: int, **kwargs):
+        super().__init__(**kwargs)
+        self.num_image_tokens = num_image_tokens
+
+    def call(self, padding_mask):
+        n = self.num_image_tokens
+        positions = ops.arange(n + ops.shape(padding_mask)[1]) - n  # text positions; negative for image tokens
+        is_text = positions >= 0
+        causal = ops.less_equal(positions[None, :], positions[:, None])
+        allowed = ops.logical_or(ops.logical_not(is_text)[None, :], ops.logical_and(is_text[:, None], causal))
+        keys = ops.pad(ops.cast(padding_mask, "int32"), [[0, 0], [n, 0]], constant_values=1)
+        return ops.logical_and(allowed[None], ops.cast(keys, "bool")[:, None, :])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "num_image_tokens": self.num_image_tokens}
+
+
+@keras.saving.register_keras_serializable(package="medcap")
+class GitBackbone(keras_hub.models.Backbone):
+    """GIT (Generative Image-to-text Transformer) without its LM head.
+
+    ViT tokens -> Linear + LayerNorm projection; text -> word + learned position
+    embeddings (text positions only) + LayerNorm; [image; text] -> BERT post-LN
+    decoder layers under `GitAttentionMask`. Inputs `{"images", "token_ids",
+    "padding_mask"}`; output: hidden states of the text positions `[B, T, hidden_dim]`.
+
+    `vision_*` arguments size the ViT (Hugging Face's `vision_config`), the
+    others the text decoder; activations take Hugging Face names
+    ("quick_gelu", "gelu" = exact erf gelu). `dropout` applies to the text side
+    only (CLIP has none). `max_sequence_length` is the number of learned text positions.
+    """
+
+    def __init__(
+        self,
+        vocabulary_size: int,
+        image_size: int,
+        patch_size: int,
+        vision_hidden_dim: int,
+        vision_num_layers: int,
+        vision_num_heads: int,
+        vision_intermediate_dim: int,
+        hidden_dim: int,
+        num_layers: int,
+        num_heads: int,
+        intermediate_dim: int,
+        max_sequence_length: int = 1024,
+        num_channels: int = 3,
+        vision_activation: str = "quick_gelu",
+        activation: str = "gelu",
+        vision_layer_norm_epsilon: float = 1e-5,
+        layer_norm_epsilon: float = 1e-12,
+        dropout: float = 0.1,
+        dtype=None,
+        **kwargs,
+    ):
+        # === Layers ===
+        self.vision_encoder = GitVisionEncoder(
+            image_size,
+            patch_size,
+            vision_hidden_dim,
+            vision_num_layers,
+            vision_num_heads,
+            vision_intermediate_dim,
+            activation=vision_activation,
+            layer_norm_epsilon=vision_layer_norm_epsilon,
+            dtype=dtype,
+            name="vision_encoder",
+        )
+        self.image_projection = keras.layers.Dense(
+            hidden_dim, kernel_initializer=_init(), dtype=dtype, name="image_projection"
+        )
+        self.image_projection_norm = keras.layers.LayerNormalization(
+            epsilon=vision_layer_norm_epsilon, dtype=dtype, name="image_projection_norm"
+        )
+        self.token_embedding = keras.layers.Embedding(
+            vocabulary_size, hidden_dim, embeddings_initializer=_init(), dtype=dtype, name="token_embedding"
+        )
+        self.position_embedding = keras_hub.layers.PositionEmbedding(
+            max_sequence_length, initializer=_init(), dtype=dtype, name="position_embedding"
+        )
+        self.text_embedding_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="text_embedding_norm"
+        )
+        self.text_embedding_dropout = keras.layers.Dropout(dropout, dtype=dtype, name="text_embedding_dropout")
+        self.num_image_tokens = self.vision_encoder.num_tokens
+        self.attention_mask = GitAttentionMask(self.num_image_tokens, dtype=dtype, name="attention_mask")
+        self.transformer_layers = [
+            keras_hub.layers.TransformerDecoder(
+                intermediate_dim,
+                num_heads,
+                dropout=dropout,
+                activation=get_activation(activation),
+                layer_norm_epsilon=layer_norm_epsilon,
+                kernel_initializer=_init(),
+                dtype=dtype,
+                name=f"transformer_layer_{i}",
+            )
+            for i in range(num_layers)
+        ]
+
+        # === Functional model ===
+        images = keras.Input((image_size, image_size, num_channels), name="images")
+        token_ids = keras.Input((None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
+        x = ops.concatenate([self.encode_images(images), self.embed_text(token_ids)], axis=1)
+        mask = self.attention_mask(padding_mask)
+        for layer in self.transformer_layers:
+            x = layer(x, decoder_attention_mask=mask, use_causal_mask=False)
+        outputs = x[:, self.num_image_tokens :, :]
+        super().__init__(
+            inputs={"images": images, "token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=outputs,
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocabulary_size = vocabulary_size
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.vision_hidden_dim = vision_hidden_dim
+        self.vision_num_layers = vision_num_layers
+        self.vision_num_heads = vision_num_heads
+        self.vision_intermediate_dim = vision_intermediate_dim
+        self.hidden_dim = hidden_dim
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.max_sequence_length = max_sequence_length
+        self.num_channels = num_channels
+        self.vision_activation = vision_activation
+        self.activation = activation
+        self.vision_layer_norm_epsilon = vision_layer_norm_epsilon
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.dropout = dropout
+
+    def encode_images(self, images):
+        """Images `[B, H, W, C]` -> projected image tokens `[B, N, hidden_dim]`."""
+        return self.image_projection_norm(self.image_projection(self.vision_encoder(images)))
+
+    def embed_text(self, token_ids, start_index=0):
+        """Token ids `[B, T]` at text positions `start_index...` -> normalised embeddings `[B, T, hidden_dim]`."""
+        x = self.token_embedding(token_ids)
+        x = x + self.position_embedding(x, start_index=start_index)
+        return self.text_embedding_dropout(self.text_embedding_norm(x))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            vocabulary_size=self.vocabulary_size,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            vision_hidden_dim=self.vision_hidden_dim,
+            vision_num_layers=self.vision_num_layers,
+            vision_num_heads=self.vision_num_heads,
+            vision_intermediate_dim=self.vision_intermediate_dim,
+            hidden_dim=self.hidden_dim,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            intermediate_dim=self.intermediate_dim,
+            max_sequence_length=self.max_sequence_length,
+            num_channels=self.num_channels,
+            vision_activation=self.vision_activation,
+            activation=self.activation,
+            vision_layer_norm_epsilon=self.vision_layer_norm_epsilon,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+            dropout=self.dropout,
+        )
+        return config

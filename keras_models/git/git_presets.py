@@ -1,0 +1,75 @@
+"""GIT sizes: `tiny` for tests, `small` for CPU training, `base` with microsoft/git-base's shapes.
+
+Each preset: `backbone` (GitBackbone kwargs, less the vocabulary size, which the
+tokenizer gives, and the image size and channels, which `image_config` gives),
+`image_config` (how `pipelines.images` prepares pixels), `sequence_length`
+(caption tokens with [CLS]/[SEP]) and `train` (recommended CPU settings for
+`pipelines/train.py`). Our own presets read greyscale images as one channel;
+imported Hugging Face checkpoints use `CLIP_IMAGE_CONFIG` (RGB).
+"""
+
+from __future__ import annotations
+
+GREY_IMAGE_CONFIG = {"channels": 1, "resize": "pad", "interpolation": "bilinear", "mean": [0.5], "std": [0.5]}
+CLIP_IMAGE_CONFIG = {
+    "image_size": 224,
+    "channels": 3,
+    "resize": "center_crop",
+    "interpolation": "bicubic",
+    "mean": [0.48145466, 0.4578275, 0.40821073],
+    "std": [0.26862954, 0.26130258, 0.27577711],
+}
+
+PRESETS = {
+    "tiny": {
+        "backbone": dict(
+            patch_size=16,
+            vision_hidden_dim=32,
+            vision_num_layers=1,
+            vision_num_heads=2,
+            vision_intermediate_dim=64,
+            hidden_dim=32,
+            num_layers=1,
+            num_heads=2,
+            intermediate_dim=64,
+            max_sequence_length=64,
+        ),
+        "image_config": {"image_size": 32, **GREY_IMAGE_CONFIG},
+        "sequence_length": 16,
+        "train": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-3},
+    },
+    "small": {
+        "backbone": dict(
+            patch_size=16,  # 128 px / 16 = 64 patches + [CLS]: the cost of 64 px / 8, with 4x the pixels
+            vision_hidden_dim=128,
+            vision_num_layers=2,
+            vision_num_heads=4,
+            vision_intermediate_dim=512,
+            hidden_dim=128,
+            num_layers=2,
+            num_heads=4,
+            intermediate_dim=512,
+            max_sequence_length=64,
+        ),
+        "image_config": {"image_size": 128, **GREY_IMAGE_CONFIG},
+        "sequence_length": 32,
+        "train": {"epochs": 5, "batch_size": 32, "learning_rate": 1e-3, "time_budget_minutes": 6},
+    },
+    "base": {
+        "backbone": dict(
+            patch_size=16,
+            vision_hidden_dim=768,
+            vision_num_layers=12,
+            vision_num_heads=12,
+            vision_intermediate_dim=3072,
+            hidden_dim=768,
+            num_layers=6,
+            num_heads=12,
+            intermediate_dim=3072,
+            max_sequence_length=1024,
+        ),
+        "image_config": dict(CLIP_IMAGE_CONFIG),
+        "sequence_length": 40,
+        "train": {"epochs": 3, "batch_size": 8, "learning_rate": 5e-5},
+    },
+}

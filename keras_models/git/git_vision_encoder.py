@@ -1,0 +1,142 @@
+"""GIT's image encoder: a CLIP ViT that returns every token (class token + patches), nothing pooled."""
+
+from __future__ import annotations
+
+import keras
+import keras_hub
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="medcap")
+def quick_gelu(x):
+    """CLIP's activation: x * sigmoid(1.702 x)."""
+    return x * ops.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": keras.activations.gelu}  # Hugging Face names; gelu is exact (erf)
+
+
+def get_activation(name: str):
+    """The activation function for a Hugging Face `hidden_act` name."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unsupported activation {name!r}; GIT uses one of {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
+@keras.saving.register_keras_serializable(package="medcap")
+class GitVisionEmbedding(keras.layers.Layer):
+    """Patch convolution (no bias), a learned class token in front and learned positions added."""
+
+    def __init__(self, image_size: int, patch_size: int, hidden_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.image_size, self.patch_size, self.hidden_dim = image_size, patch_size, hidden_dim
+        self.num_positions = (image_size // patch_size) ** 2 + 1
+        self.patch_embedding = keras.layers.Conv2D(
+            hidden_dim,
+            patch_size,
+            strides=patch_size,
+            padding="valid",
+            use_bias=False,
+            data_format="channels_last",
+            dtype=self.dtype_policy,
+            name="patch_embedding",
+        )
+
+    def build(self, input_shape):
+        self.patch_embedding.build(input_shape)
+        init = keras.initializers.RandomNormal(stddev=0.02)
+        self.class_embedding = self.add_weight(shape=(self.hidden_dim,), initializer=init, name="class_embedding")
+        self.position_embedding = self.add_weight(
+            shape=(self.num_positions, self.hidden_dim), initializer=init, name="position_embedding"
+        )
+
+    def call(self, images):
+        patches = self.patch_embedding(images)  # [B, h, w, D], row-major like torch's flatten(2)
+        patches = ops.reshape(patches, (ops.shape(patches)[0], -1, self.hidden_dim))
+        cls = ops.broadcast_to(ops.cast(self.class_embedding, patches.dtype), (ops.shape(patches)[0], 1, self.hidden_dim))
+        tokens = ops.concatenate([cls, patches], axis=1)
+        return tokens + ops.cast(self.position_embedding, tokens.dtype)[None]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_positions, self.hidden_dim)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(image_size=self.image_size, patch_size=self.patch_size, hidden_dim=self.hidden_dim)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="medcap")
+class GitVisionEncoder(keras.layers.Layer):
+    """CLIP ViT: embeddings -> pre-LayerNorm -> pre-LN transformer layers -> post-LayerNorm on all tokens.
+
+    Input `[B, H, W, C]` (channels last), output `[B, (H/p)^2 + 1, hidden_dim]`.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        hidden_dim: int,
+        num_layers: int,
+        num_heads: int,
+        intermediate_dim: int,
+        activation: str = "quick_gelu",
+        layer_norm_epsilon: float = 1e-5,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.image_size, self.patch_size, self.hidden_dim = image_size, patch_size, hidden_dim
+        self.num_layers, self.num_heads, self.intermediate_dim = num_layers, num_heads, intermediate_dim
+        self.activation, self.layer_norm_epsilon = activation, layer_norm_epsilon
+        self.num_tokens = (image_size // patch_size) ** 2 + 1
+        dtype = self.dtype_policy
+        self.embedding = GitVisionEmbedding(image_size, patch_size, hidden_dim, dtype=dtype, name="embedding")
+        self.pre_layer_norm = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=dtype, name="pre_layer_norm")
+        self.encoder_layers = [
+            keras_hub.layers.TransformerEncoder(
+                intermediate_dim,
+                num_heads,
+                activation=get_activation(activation),
+                layer_norm_epsilon=layer_norm_epsilon,
+                normalize_first=True,
+                kernel_initializer=keras.initializers.RandomNormal(stddev=0.02),
+                dtype=dtype,
+                name=f"encoder_layer_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.post_layer_norm = keras.layers.LayerNormalization(
+            epsilon=layer_norm_epsilon, dtype=dtype, name="post_layer_norm"
+        )
+
+    def build(self, input_shape):
+        self.embedding.build(input_shape)
+        tokens_shape = (input_shape[0], self.num_tokens, self.hidden_dim)
+        self.pre_layer_norm.build(tokens_shape)
+        for layer in self.encoder_layers:
+            layer.build(tokens_shape)
+        self.post_layer_norm.build(tokens_shape)
+
+    def call(self, images, training=None):
+        x = self.pre_layer_norm(self.embedding(images))
+        for layer in self.encoder_layers:
+            x = layer(x, training=training)
+        return self.post_layer_norm(x)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_tokens, self.hidden_dim)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            hidden_dim=self.hidden_dim,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            intermediate_dim=self.intermediate_dim,
+            activation=self.activation,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config

@@ -51,6 +51,19 @@ class ImageCaptioner(keras_hub.models.CausalLM):
             weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="token_accuracy")]
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
 
+    def get_compile_config(self) -> dict:
+        """Keep the optimizer in `.keras` files so a reloaded model can train on where it stopped."""
+        if not (self.compiled and self.optimizer):
+            return {}
+        return {"optimizer": keras.saving.serialize_keras_object(self.optimizer)}
+
+    def compile_from_config(self, config: dict) -> None:
+        """Recompile a loaded model with its saved optimizer (its variables are restored next)."""
+        optimizer = config.get("optimizer")
+        self.compile(optimizer=keras.saving.deserialize_keras_object(optimizer) if optimizer else "auto")
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     @property
     def image_config(self) -> dict:
         """How `pipelines.images.preprocess_image` must prepare this model's pixels."""

@@ -35,10 +35,13 @@ def predict_captions(
     return {"captions": captions, "scores": scores, "seconds": seconds, "images_per_second": len(records) / seconds}
 
 
-def score_predictions(records: Sequence, captions: Sequence[str]) -> dict:
+def score_predictions(records: Sequence, captions: Sequence[str], preprocess: bool = True) -> dict:
     """Word-overlap metrics and clinical field accuracy of captions against the records' references."""
     references = [normalize_caption(r.caption) for r in records]
-    return {"caption_metrics": caption_metrics(references, captions), "fields": field_accuracy(references, captions)}
+    return {
+        "caption_metrics": caption_metrics(references, captions, preprocess=preprocess),
+        "fields": field_accuracy(references, captions),
+    }
 
 
 def write_predictions(path: str | Path, records: Sequence, captions: Sequence[str]) -> Path:

@@ -53,8 +53,10 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
     for metric in METRIC_ORDER:
         lines.append(f"| {metric} | " + " | ".join(_num(models[n]["metrics"]["caption_metrics"].get(metric)) for n in names) + " |")
     lines.append("| captions / second | " + " | ".join(str(models[n]["metrics"]["images_per_second"]) for n in names) + " |")
+    lines += ["", "## Examples (most wrong fields first)", "", "![examples](examples.png)"]
     for name in names:
-        lines += ["", f"## {name}", "", f"![{name} curves]({name}/curves.png)", "", "| reference | prediction |", "|---|---|"]
+        lines += ["", f"## {name}", "", f"Full evaluation with confusion matrices: [{name}/report.md]({name}/report.md)",
+                  "", f"![{name} curves]({name}/curves.png)", "", "| reference | prediction |", "|---|---|"]
         for ex in models[name]["metrics"]["examples"]:
             lines.append(f"| {ex['reference']} | {ex['prediction']} |")
     path = run_dir / "report.md"

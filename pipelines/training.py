@@ -12,6 +12,7 @@ import keras
 from keras_models.registry import MODELS, build_captioner, presets
 from pipelines.dataset import make_dataset
 from pipelines.evaluate_lib import predict_captions, score_predictions, set_seed, write_predictions
+from pipelines.evaluation_report import plot_examples, write_evaluation_report
 from pipelines.plots import plot_field_accuracy, plot_history
 from pipelines.report import write_run_report
 from pipelines.rocov2 import list_splits, read_split
@@ -133,18 +134,21 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path) -> dict:
     return {"model": model, **info}
 
 
-def evaluate_one(name: str, model, records, model_dir: Path) -> dict:
-    """Caption the evaluation split, write predictions.csv and metrics.json."""
+def evaluate_one(name: str, model, records, model_dir: Path, context: dict) -> dict:
+    """Caption the evaluation split; write predictions.csv, metrics.json and the model's evaluation report."""
     predictions = predict_captions(model, records)
     write_predictions(model_dir / "predictions.csv", records, predictions["captions"])
     metrics = score_predictions(records, predictions["captions"])
-    metrics["images_per_second"] = round(predictions["images_per_second"], 1)
+    metrics.update(context, model=f"{name}/model.keras", sampler="greedy",
+                   caption_seconds=round(predictions["seconds"], 1),
+                   images_per_second=round(predictions["images_per_second"], 1))
     metrics["examples"] = [
         {"id": r.id, "reference": r.caption, "prediction": c}
         for r, c in list(zip(records, predictions["captions"]))[:8]
     ]
     (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+    write_evaluation_report(model_dir, records, predictions["captions"], metrics)
+    return metrics, predictions["captions"]
 
 
 def run_training(cfg, run_dir: Path, resumed: bool, cache_dir: Path) -> Path:
@@ -154,15 +158,18 @@ def run_training(cfg, run_dir: Path, resumed: bool, cache_dir: Path) -> Path:
     tokenizer = prepare_tokenizer(cfg, run_dir, splits["train"])
     eval_split = cfg.eval_split if cfg.eval_split in splits else "valid"
     names = MODELS if cfg.model == "all" else (cfg.model,)
-    results = {}
+    context = {"dataset": str(root), "split": eval_split, "images": len(splits[eval_split]),
+               "skipped_rows": reports[eval_split].total - reports[eval_split].valid}
+    results, captions = {}, {}
     for name in names:
         trained = train_one(name, cfg, tokenizer, splits, run_dir)
         model = trained.pop("model")
         print(f"\n[{name}] evaluating on {eval_split} ({len(splits[eval_split])} images)")
-        trained["metrics"] = evaluate_one(name, model, splits[eval_split], run_dir / name)
+        trained["metrics"], captions[name] = evaluate_one(name, model, splits[eval_split], run_dir / name, context)
         results[name] = trained
     fields = {n: r["metrics"]["fields"] for n, r in results.items()}
     plot_field_accuracy(fields, run_dir / "field_accuracy.png", f"Field accuracy on {eval_split}")
+    plot_examples(splits[eval_split], captions, run_dir / "examples.png")
     summary = {
         "dataset": str(root),
         "splits": {s: {"usable": r.valid, "total": r.total} for s, r in reports.items()},

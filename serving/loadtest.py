@@ -1,0 +1,104 @@
+"""Measure a captioning endpoint: latency of one-image requests, then throughput with concurrent clients.
+
+    python -m serving.loadtest --server localhost:8500 --model git --image chest.png \\
+        --requests 200 --concurrency 16 --seconds 20
+
+Works against serving.server and real TF Serving alike (it uses serving.client). Each concurrent
+client has its own channel, as separate processes would. Prints a short markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from serving.client import CaptionClient, read_image
+from serving.testing import png_bytes
+
+
+def latency(server: str, model: str, image: bytes, requests: int, signature: str) -> list[float]:
+    """Seconds per one-image request, sent one after another (after 5 warm-up calls)."""
+    with CaptionClient(server, model, signature, retries=0) as client:
+        for _ in range(5):
+            client.caption([image])
+        times = []
+        for _ in range(requests):
+            started = time.perf_counter()
+            client.caption([image])
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def throughput(server: str, model: str, image: bytes, concurrency: int, seconds: float,
+               signature: str) -> tuple[int, float, list[float]]:
+    """(requests done, seconds, per-request latencies) with `concurrency` clients sending one image each."""
+    stop = threading.Event()
+    latencies: list[float] = []
+    lock = threading.Lock()
+    failures: list[str] = []
+
+    def worker():
+        with CaptionClient(server, model, signature, retries=0) as client:
+            client.caption([image])  # connect before the clock starts
+            barrier.wait()
+            while not stop.is_set():
+                started = time.perf_counter()
+                try:
+                    client.caption([image])
+                except Exception as e:  # noqa: BLE001 - count and report, keep measuring
+                    failures.append(str(e))
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - started)
+
+    barrier = threading.Barrier(concurrency + 1)
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    time.sleep(seconds)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    if failures:
+        print(f"{len(failures)} failed requests, e.g. {failures[0]}", file=sys.stderr)
+    return len(latencies), elapsed, latencies
+
+
+def _ms(values: list[float], q: float) -> float:
+    return 1000 * statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else 1000 * values[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run both measurements and print them."""
+    p = argparse.ArgumentParser(prog="python -m serving.loadtest", description=__doc__.split("\n\n")[0])
+    p.add_argument("--server", default="localhost:8500")
+    p.add_argument("--model", default="git")
+    p.add_argument("--signature", default="serving_default")
+    p.add_argument("--image", type=Path, default=None, help="PNG/JPEG/DICOM to send (default: a 256x256 PNG)")
+    p.add_argument("--requests", type=int, default=200, help="sequential requests for the latency test")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--seconds", type=float, default=20.0, help="duration of the throughput test")
+    p.add_argument("--label", default="", help="a name for this run in the table")
+    args = p.parse_args(argv)
+    image = read_image(args.image) if args.image else png_bytes(128, (256, 256))
+
+    times = latency(args.server, args.model, image, args.requests, args.signature)
+    done, elapsed, latencies = throughput(args.server, args.model, image, args.concurrency, args.seconds,
+                                          args.signature)
+    print(f"| run | batch-1 latency p50 / p90 / p99 (ms) | {args.concurrency} clients: requests/s | "
+          "latency p50 / p99 (ms) |")
+    print("|---|---|---|---|")
+    print(f"| {args.label or args.model} | {_ms(times, 50):.1f} / {_ms(times, 90):.1f} / {_ms(times, 99):.1f} | "
+          f"{done / elapsed:.1f} | {_ms(latencies, 50):.1f} / {_ms(latencies, 99):.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -56,7 +56,7 @@ def _caption_fn(model, sampler, max_length: int, max_pixels: int):
 
 
 def build_archive(model, max_length: int | None = None, num_beams: int = 3, max_pixels: int = MAX_PIXELS):
-    """A Keras ExportArchive with the greedy (serving_default) and beam-search endpoints."""
+    """A Keras ExportArchive with the greedy `serving_default` and the `beam_search` endpoints."""
     if keras.config.backend() != "tensorflow":
         raise RuntimeError("Export needs KERAS_BACKEND=tensorflow (SavedModels are TensorFlow graphs).")
     max_length = max_length or model.preprocessor.sequence_length
@@ -64,7 +64,7 @@ def build_archive(model, max_length: int | None = None, num_beams: int = 3, max_
     archive.track(model)
     signature = [tf.TensorSpec([None], tf.string, name=INPUT_NAME)]
     endpoints = {
-        "greedy": keras_hub.samplers.GreedySampler(),
+        "serving_default": keras_hub.samplers.GreedySampler(),
         "beam_search": keras_hub.samplers.BeamSampler(num_beams=num_beams),
     }
     for name, sampler in endpoints.items():

@@ -51,6 +51,8 @@ class GitBackbone(keras_hub.models.Backbone):
     others the text decoder; activations take Hugging Face names
     ("quick_gelu", "gelu" = exact erf gelu). `dropout` applies to the text side
     only (CLIP has none). `max_sequence_length` is the number of learned text positions.
+    `vision_stem="conv"` replaces the patch convolution by a convolutional stem
+    for training from scratch (see `conv_stem`); checkpoints use "patch".
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class GitBackbone(keras_hub.models.Backbone):
         vision_layer_norm_epsilon: float = 1e-5,
         layer_norm_epsilon: float = 1e-12,
         dropout: float = 0.1,
+        vision_stem: str = "patch",
         dtype=None,
         **kwargs,
     ):
@@ -86,6 +89,7 @@ class GitBackbone(keras_hub.models.Backbone):
             vision_intermediate_dim,
             activation=vision_activation,
             layer_norm_epsilon=vision_layer_norm_epsilon,
+            stem=vision_stem,
             dtype=dtype,
             name="vision_encoder",
         )
@@ -156,6 +160,7 @@ class GitBackbone(keras_hub.models.Backbone):
         self.vision_layer_norm_epsilon = vision_layer_norm_epsilon
         self.layer_norm_epsilon = layer_norm_epsilon
         self.dropout = dropout
+        self.vision_stem = vision_stem
 
     def encode_images(self, images):
         """Images `[B, H, W, C]` -> projected image tokens `[B, N, hidden_dim]`."""
@@ -188,5 +193,6 @@ class GitBackbone(keras_hub.models.Backbone):
             vision_layer_norm_epsilon=self.vision_layer_norm_epsilon,
             layer_norm_epsilon=self.layer_norm_epsilon,
             dropout=self.dropout,
+            vision_stem=self.vision_stem,
         )
         return config

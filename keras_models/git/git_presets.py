@@ -40,7 +40,8 @@ PRESETS = {
     },
     "small": {
         "backbone": dict(
-            patch_size=16,  # 128 px / 16 = 64 patches + [CLS]: the cost of 64 px / 8, with 4x the pixels
+            patch_size=16,  # 128 px / 16 = 64 image tokens + [CLS]
+            vision_stem="conv",  # from scratch a conv stem learns far faster than a 16x16 patch projection
             vision_hidden_dim=128,
             vision_num_layers=2,
             vision_num_heads=4,

@@ -23,7 +23,7 @@ EXTRAS = {
     "torch": ["torch==2.13.0", "transformers", "safetensors"],
     "app": ["streamlit"],
     "notebooks": ["nbclient", "nbformat", "ipykernel"],
-    "test": ["pytest", "hypothesis"],
+    "test": ["pytest", "hypothesis", "playwright"],  # playwright drives Debian's chromium, never downloads one
 }
 EXTRAS["all"] = sorted({p for group in EXTRAS.values() for p in group})
 

@@ -22,9 +22,15 @@ import keras
 import keras_hub
 import tensorflow as tf
 
+from keras_models.captioner import ImageCaptioner
 from pipelines.images import MAX_PIXELS, preprocess_images
 
 INPUT_NAME = "images"
+
+# Keras (TensorFlow backend) also traces a model's raw `call` as an implicit signature when
+# it is saved. Our signatures are the explicit bytes-in/captions-out endpoints below, and the
+# raw call with an unknown caption length is neither needed nor traceable for the GRU loop.
+ImageCaptioner._default_save_signature = property(lambda self: None)
 
 
 def captions_from_ids(tokenizer, token_ids: tf.Tensor, padding_mask: tf.Tensor) -> tf.Tensor:

@@ -54,7 +54,8 @@ class Servable:
     @classmethod
     def load(cls, name: str, version: int, path: Path) -> "Servable":
         """Load a SavedModel directory (tag 'serve'); raises whatever TensorFlow raises."""
-        import tensorflow as tf  # the server needs TensorFlow; nothing else in serving/ does
+        import tensorflow as tf
+        import tensorflow_text  # noqa: F401  (registers the WordPiece ops of exported captioners)
 
         try:
             signature_defs = read_signature_defs(path)

@@ -54,7 +54,7 @@ PRESETS = {
         ),
         "image_config": {"image_size": 128, **GREY_IMAGE_CONFIG},
         "sequence_length": 32,
-        "train": {"epochs": 5, "batch_size": 32, "learning_rate": 1e-3, "time_budget_minutes": 6},
+        "train": {"epochs": 6, "batch_size": 32, "learning_rate": 1e-3, "time_budget_minutes": 5.5},
     },
     "base": {
         "backbone": dict(

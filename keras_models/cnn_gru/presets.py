@@ -1,0 +1,59 @@
+"""CNN-GRU presets: backbone kwargs, the image config, the sequence length and CPU training settings.
+
+`image_config` is the one source of the input size: `build_cnn_gru_captioner` passes its
+`image_size` and `channels` to the backbone. Images are never flipped (left/right matters).
+"""
+
+GREYSCALE = {"channels": 1, "resize": "pad", "interpolation": "bilinear", "mean": [0.5], "std": [0.5]}
+
+# The decoder and training settings that the two keras.applications presets share.
+APPLICATION_DECODER = {"feature_dim": 512, "embedding_dim": 256, "hidden_dim": 512, "attention_dim": 512, "dropout": 0.3}
+APPLICATION_TRAIN = {"epochs": 10, "batch_size": 16, "learning_rate": 5e-4}
+
+PRESETS = {
+    # For tests: a few thousand parameters, 32 px.
+    "tiny": {
+        "backbone": {
+            "encoder": "compact",
+            "encoder_filters": [8, 16],
+            "feature_dim": 32,
+            "embedding_dim": 32,
+            "hidden_dim": 64,
+            "attention_dim": 32,
+            "dropout": 0.0,
+        },
+        "image_config": {**GREYSCALE, "image_size": 32},
+        "sequence_length": 16,
+        "train": {"epochs": 50, "batch_size": 8, "learning_rate": 3e-3},
+    },
+    # The CPU default: trains on the 8,000-image synthetic set in minutes on 2 cores.
+    "small": {
+        "backbone": {
+            "encoder": "compact",
+            "encoder_filters": [16, 32, 64, 128],
+            "feature_dim": 128,
+            "embedding_dim": 128,
+            "hidden_dim": 256,
+            "attention_dim": 128,
+            "dropout": 0.1,
+        },
+        "image_config": {**GREYSCALE, "image_size": 128},
+        "sequence_length": 32,
+        "train": {"epochs": 8, "batch_size": 32, "learning_rate": 2e-3, "time_budget_minutes": 5},
+    },
+    # keras.applications encoders (weights=None or a local ImageNet file): 224 px -> 7x7 map.
+    # Greyscale is repeated to 3 channels inside; mean/std are ImageNet's, averaged over RGB.
+    "densenet121": {
+        "backbone": {"encoder": "densenet121", **APPLICATION_DECODER},
+        "image_config": {**GREYSCALE, "image_size": 224, "mean": [0.449], "std": [0.226]},
+        "sequence_length": 48,
+        "train": dict(APPLICATION_TRAIN),
+    },
+    # EfficientNetB0 rescales and normalises inside the model: it expects pixels in [0, 255].
+    "efficientnetb0": {
+        "backbone": {"encoder": "efficientnetb0", **APPLICATION_DECODER},
+        "image_config": {**GREYSCALE, "image_size": 224, "mean": [0.0], "std": [1 / 255]},
+        "sequence_length": 48,
+        "train": dict(APPLICATION_TRAIN),
+    },
+}

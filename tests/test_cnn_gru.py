@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
+from keras_models.captioner import get_sampler
 from keras_models.cnn_gru import PRESETS, CNNGRUBackbone, CNNGRUCaptioner, build_cnn_gru_captioner
 from keras_models.cnn_gru.encoders import ImageEncoder, compact_cnn
 from pipelines.text import build_vocabulary, make_tokenizer
@@ -133,18 +134,11 @@ def test_the_cnn_runs_once_per_image_batch(model, images, monkeypatch, sampler):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(encoder, "call", counting_call)
-    model.sampler = keras_hub_sampler(sampler)
+    model.sampler = get_sampler(sampler, num_beams=2)
     inputs = model.preprocessor.generate_preprocess({"images": ops.convert_to_tensor(images)}, sequence_length=8)
     outputs = model.generate_step(inputs, stop_token_ids=(model.preprocessor.tokenizer.end_token_id,))
     assert tuple(outputs["token_ids"].shape) == (4, 8)
     assert len(calls) == 1
-
-
-def keras_hub_sampler(name: str):
-    """A fresh keras-hub sampler; beam search with two beams."""
-    from keras_models.captioner import get_sampler
-
-    return get_sampler(name, num_beams=2)
 
 
 def test_memorises_four_images_and_generates_them(trained, images):

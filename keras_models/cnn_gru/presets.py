@@ -11,7 +11,7 @@ APPLICATION_DECODER = {"feature_dim": 512, "embedding_dim": 256, "hidden_dim": 5
 APPLICATION_TRAIN = {"epochs": 10, "batch_size": 16, "learning_rate": 5e-4}
 
 PRESETS = {
-    # For tests: a few thousand parameters, 32 px.
+    # For tests: about 50k parameters, 32 px.
     "tiny": {
         "backbone": {
             "encoder": "compact",

@@ -160,9 +160,6 @@ class ImageCaptioner(keras_hub.models.CausalLM):
         details["scores"] = np.asarray(details["scores"], dtype="float32")
         return details
 
-    def get_config(self) -> dict:
-        return super().get_config()
-
 
 def as_text(value) -> str:
     """A detokenized caption (bytes or str) as a clean Python string."""

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import tensorflow as tf
 from tqdm import tqdm
 
 from pipelines.dataset import make_dataset
@@ -56,8 +55,7 @@ def write_predictions(path: str | Path, records: Sequence, captions: Sequence[st
 
 
 def set_seed(seed: int) -> None:
-    """Seed Python, NumPy, TensorFlow and Keras for a reproducible run."""
+    """Seed Python, NumPy and the backend (TensorFlow or torch) for a reproducible run."""
     import keras
 
     keras.utils.set_random_seed(seed)
-    tf.random.set_seed(seed)

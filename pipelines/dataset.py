@@ -43,24 +43,37 @@ def make_dataset(
     cache: bool | str = True,
     augment: bool = True,
     deterministic: bool = False,
+    repeat: bool = False,
+    input_context: tf.distribute.InputContext | None = None,
 ) -> tf.data.Dataset:
     """Batches of `{"images": float [B, S, S, C], "captions": string [B]}` from ROCOv2 records.
 
     `records` are `pipelines.rocov2.Record`s (anything with `image_path` and
-    `caption`). Files are read once and cached (in memory, or at a path given
-    as `cache`), decoded in parallel every epoch, shuffled and augmented only
-    when `training`. `deterministic` fixes the element order for tests.
+    `caption`) or a `pipelines.tfrecords.ShardedSplit` (read from its shards,
+    never cached: the shards already are the cache). Files are read once and
+    cached (in memory, or at a path given as `cache`), decoded in parallel
+    every epoch, shuffled and augmented only when `training`. `deterministic`
+    fixes the element order for tests; `repeat` makes the stream endless.
+    Under a `tf.distribute` strategy `input_context` gives this worker its
+    share (whole shard files, or every n-th record) and `batch_size` is per replica.
     """
-    if not records:
+    if not len(records):
         raise ValueError("No records to build a dataset from.")
-    paths = [str(r.image_path) for r in records]
-    captions = [normalize_caption(r.caption) for r in records]
-    ds = tf.data.Dataset.from_tensor_slices({"path": paths, "caption": captions})
-    ds = ds.map(lambda r: {"bytes": tf.io.read_file(r["path"]), "caption": r["caption"]}, num_parallel_calls=AUTOTUNE)
-    if cache:
-        ds = ds.cache(cache if isinstance(cache, str) else "")
+    if hasattr(records, "dataset"):  # a ShardedSplit
+        ds = records.dataset(input_context, training=training, seed=seed)
+    else:
+        if input_context is not None and input_context.num_input_pipelines > 1:
+            records = records[input_context.input_pipeline_id :: input_context.num_input_pipelines]
+        paths = [str(r.image_path) for r in records]
+        captions = [normalize_caption(r.caption) for r in records]
+        ds = tf.data.Dataset.from_tensor_slices({"path": paths, "caption": captions})
+        ds = ds.map(lambda r: {"bytes": tf.io.read_file(r["path"]), "caption": r["caption"]}, num_parallel_calls=AUTOTUNE)
+        if cache:
+            ds = ds.cache(cache if isinstance(cache, str) else "")
     if training:
-        ds = ds.shuffle(min(len(paths), 10_000), seed=seed, reshuffle_each_iteration=True)
+        ds = ds.shuffle(min(len(records), 10_000), seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
     ds = ds.map(
         lambda r: {"images": load_image(r["bytes"], image_config), "captions": r["caption"]},
         num_parallel_calls=AUTOTUNE,

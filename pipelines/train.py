@@ -3,6 +3,8 @@
     python pipelines/train.py                       # synthetic data, both models, CPU presets
     python pipelines/train.py --dataset ../shared/data/roco-ccby --model git
     python pipelines/train.py --resume              # continue the latest run after a crash
+    python pipelines/train.py --dataset data/roco-tfrecords --distribute mirrored     # all local GPUs
+    TF_CONFIG='{...}' python pipelines/train.py --dataset DIR --distribute multi-worker --run-dir /shared/run1
 
 Everything a run makes lands in one run directory: per model the trained
 `model.keras`, `history.csv`, curves, predictions and metrics; at the top the
@@ -46,6 +48,7 @@ class TrainConfig:
     run_dir: str = ""
     seed: int = 0
     strict: bool = False
+    distribute: str = "none"
     synthetic: dict = field(default_factory=lambda: {"n_train": 8000, "n_valid": 1000, "n_test": 1000})
 
 
@@ -56,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--dataset", help="ROCOv2-layout folder ({split}_captions.csv + {split}/ images). "
+    p.add_argument("--dataset", help="ROCOv2-layout folder ({split}_captions.csv + {split}/ images), or sharded "
+                   "TFRecords from python -m pipelines.build_tfrecords (a folder or gs:// URL). "
                    "Default: the embedded synthetic radiology set, generated once and cached in "
                    f"{DEFAULT_CACHE}/synthetic.")
     p.add_argument("--model", choices=["cnn_gru", "git", "all"], default="all", help="which captioner(s) to train")
@@ -76,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     p.add_argument("--synthetic-size", type=int, nargs=3, metavar=("TRAIN", "VALID", "TEST"),
                    help="image counts of the generated synthetic set (default 8000 1000 1000)")
     p.add_argument("--out", default="runs", help="parent folder of run directories")
+    p.add_argument("--run-dir", default="", help="use this run directory instead of a new timestamped one; "
+                   "launched again, it continues the run (every multi-worker node names the same shared folder)")
+    p.add_argument("--distribute", choices=["none", "mirrored", "multi-worker"], default="none",
+                   help="tf.distribute strategy: mirrored = every GPU of this machine (Keras fit); multi-worker = "
+                        "the cluster in TF_CONFIG, one process per node (custom training step); only the chief "
+                        "(worker 0) writes checkpoints, plots and reports")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue a killed run from its last finished epoch (default: the latest run in --out)")
     p.add_argument("--seed", type=int, default=0, help="random seed for data order, augmentation and weights")
@@ -87,14 +97,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     cfg = TrainConfig(**vars(args))
     if synthetic_size:
         cfg.synthetic = dict(zip(("n_train", "n_valid", "n_test"), synthetic_size))
+    if cfg.distribute == "multi-worker" and not (cfg.dataset and (cfg.run_dir or resume)):
+        p.error("--distribute multi-worker needs --dataset and --run-dir: every worker must read the same data "
+                "and the chief's run directory (make a synthetic set once with python -m pipelines.synthetic)")
+    if resume is None and cfg.run_dir and (Path(cfg.run_dir) / "config.json").is_file():
+        resume = cfg.run_dir  # a relaunched job continues where it stopped
     return cfg, resume
 
 
 def resolve_run_dir(cfg: TrainConfig, resume: str | None) -> tuple[TrainConfig, Path]:
     """A fresh timestamped run directory, or the one to resume with its saved config."""
     if resume is None:
-        run_dir = Path(cfg.out) / time.strftime("%Y%m%d-%H%M%S")
-        run_dir.mkdir(parents=True, exist_ok=False)
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.out) / time.strftime("%Y%m%d-%H%M%S")
+        run_dir.mkdir(parents=True, exist_ok=bool(cfg.run_dir))
         cfg.run_dir = str(run_dir)
         return cfg, run_dir
     if resume == "latest":
@@ -116,12 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg, resume = parse_args(argv)
     cfg, run_dir = resolve_run_dir(cfg, resume)
 
+    from pipelines.distributed import is_chief
     from pipelines.training import run_training  # heavy imports after --help has been served
 
     print("medcap training run\n" + json.dumps(asdict(cfg), indent=2), flush=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if is_chief():  # atomically: other workers may be reading it to continue the run
+        (run_dir / "config.json.tmp").write_text(json.dumps(asdict(cfg), indent=2))
+        os.replace(run_dir / "config.json.tmp", run_dir / "config.json")
     report = run_training(cfg, run_dir, resumed=resume is not None, cache_dir=DEFAULT_CACHE)
-    print(f"\nDone. Outputs are in {run_dir.resolve()}\n  report: {report.resolve()}")
+    if report is None:
+        print("\nWorker done; the chief writes the run's outputs.")
+    else:
+        print(f"\nDone. Outputs are in {run_dir.resolve()}\n  report: {report.resolve()}")
     return 0
 
 

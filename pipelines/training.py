@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 
 from keras_models.registry import MODELS, build_captioner, presets
 from pipelines.dataset import make_dataset
+from pipelines.distributed import (
+    ResumeFromChief,
+    fit_custom,
+    is_chief,
+    make_strategy,
+    needs_custom_loop,
+    wait_for_all,
+    weights_digest,
+)
 from pipelines.evaluate_lib import predict_captions, score_predictions, set_seed, write_predictions
 from pipelines.evaluation_report import plot_examples, write_evaluation_report
 from pipelines.plots import plot_field_accuracy, plot_history
 from pipelines.report import write_run_report
 from pipelines.rocov2 import list_splits, read_split
 from pipelines.text import build_vocabulary, load_vocabulary, make_tokenizer, save_vocabulary
+from pipelines.tfrecords import ShardedSplit, is_tfrecord_dataset, list_tfrecord_splits, read_tfrecord_split
 
 DONE_MARKER = "DONE.json"
 
@@ -45,24 +60,28 @@ class TimeBudget(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def prepare_data(cfg, cache_dir: Path) -> tuple[Path, dict, dict]:
-    """The dataset root, its validated splits and their validation reports."""
-    if cfg.dataset:
+def prepare_data(cfg, cache_dir: Path) -> tuple[Path | str, dict, dict]:
+    """The dataset root, its validated splits (records, or shards of a TFRecord dataset) and their reports."""
+    tfrecords = bool(cfg.dataset) and is_tfrecord_dataset(cfg.dataset)
+    if tfrecords:
+        root = cfg.dataset  # may be a bucket URL: no Path
+    elif cfg.dataset:
         root = Path(cfg.dataset)
     else:
         from pipelines.synthetic import ensure_dataset
 
         root = ensure_dataset(cache_dir / "synthetic", seed=0, **cfg.synthetic)
     splits, reports = {}, {}
-    available = list_splits(root)
+    available = list_tfrecord_splits(root) if tfrecords else list_splits(root)
     if "train" not in available or "valid" not in available:
         raise SystemExit(f"{root} needs train and valid splits (found: {available or 'none'}).")
     for split in available:
-        records, report = read_split(root, split, strict=cfg.strict)
+        records, report = read_tfrecord_split(root, split) if tfrecords else read_split(root, split, strict=cfg.strict)
         splits[split], reports[split] = records, report
         print(f"{split}: {report.valid} of {report.total} records usable" + ("" if report.ok else f"\n{report.summary()}"))
     if cfg.max_train_examples:
-        splits["train"] = splits["train"][: cfg.max_train_examples]
+        train = splits["train"]
+        splits["train"] = train.head(cfg.max_train_examples) if tfrecords else train[: cfg.max_train_examples]
     return root, splits, reports
 
 
@@ -73,20 +92,25 @@ def prepare_tokenizer(cfg, run_dir: Path, train_records):
         vocabulary = load_vocabulary(vocab_path)
     else:
         vocabulary = build_vocabulary([r.caption for r in train_records], cfg.vocabulary_size)
-        save_vocabulary(vocabulary, vocab_path)
+        if is_chief():  # atomically: other workers may be reading it
+            os.replace(save_vocabulary(vocabulary, vocab_path.with_suffix(".txt.tmp")), vocab_path)
     print(f"vocabulary: {len(vocabulary)} WordPiece tokens -> {vocab_path}")
     return make_tokenizer(vocabulary)
 
 
-def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path) -> dict:
-    """Fit one captioner with checkpoints, backup/restore, early stopping and a CSV log."""
+def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: tf.distribute.Strategy | None = None
+              ) -> dict:
+    """Fit one captioner with checkpoints, backup/restore, early stopping and a CSV log, on `strategy`'s replicas."""
     model_dir = run_dir / name
-    model_dir.mkdir(parents=True, exist_ok=True)
     model_path = model_dir / "model.keras"
     if (model_dir / DONE_MARKER).is_file():
         print(f"\n[{name}] already trained in this run; loading {model_path}")
         return {"model": keras.saving.load_model(model_path), **json.loads((model_dir / DONE_MARKER).read_text())}
 
+    strategy = strategy or tf.distribute.get_strategy()
+    chief, custom_loop = is_chief(), needs_custom_loop(strategy)
+    out_dir = model_dir if chief else Path(tempfile.mkdtemp(prefix=f"medcap-{name}-"))  # other workers: scratch
+    out_dir.mkdir(parents=True, exist_ok=True)
     preset = presets(name)[cfg.preset]
     train_cfg = dict(preset.get("train", {}))
     epochs = cfg.epochs or train_cfg.get("epochs", 10)
@@ -95,31 +119,40 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path) -> dict:
     budget = cfg.time_budget_minutes if cfg.time_budget_minutes is not None else train_cfg.get("time_budget_minutes")
 
     set_seed(cfg.seed)
-    model = build_captioner(name, cfg.preset, tokenizer, sequence_length=cfg.sequence_length)
-    train_ds = make_dataset(splits["train"], model.image_config, batch_size, training=True, seed=cfg.seed)
-    valid_ds = make_dataset(splits["valid"], model.image_config, batch_size, training=False)
-    steps = -(-len(splits["train"]) // batch_size)
+    # the custom loop runs whole global batches from an endless stream; fit() runs one pass per epoch
+    steps = max(1, len(splits["train"]) // batch_size) if custom_loop else -(-len(splits["train"]) // batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(
         learning_rate / 10, decay_steps=max(1, epochs * steps), warmup_target=learning_rate,
         warmup_steps=min(steps, 200), alpha=0.05,
     )
-    model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
+    with strategy.scope():
+        model = build_captioner(name, cfg.preset, tokenizer, sequence_length=cfg.sequence_length)
+        model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
     print(f"\n[{name}] preset {cfg.preset}: {model.count_params():,} parameters; "
           f"{epochs} epochs max x {steps} steps of {batch_size}; lr {learning_rate:g}; "
-          f"time budget {budget or 'none'} min")
+          f"time budget {budget or 'none'} min; {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")
     budget_cb = TimeBudget(budget)
+    backup = keras.callbacks.BackupAndRestore if chief else functools.partial(ResumeFromChief, str(model_dir / "backup"))
     callbacks = [
-        keras.callbacks.BackupAndRestore(str(model_dir / "backup"), double_checkpoint=True),
-        keras.callbacks.ModelCheckpoint(str(model_dir / "best.keras"), monitor="val_loss", save_best_only=True),
+        backup(str(out_dir / "backup"), double_checkpoint=True),
+        keras.callbacks.ModelCheckpoint(str(out_dir / "best.keras"), monitor="val_loss", save_best_only=True),
         keras.callbacks.EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True),
-        keras.callbacks.CSVLogger(str(model_dir / "history.csv"), append=True),
+        keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
         budget_cb,
     ]
     start = time.perf_counter()
-    history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
+    if custom_loop:
+        def data(split: str, training: bool):
+            return lambda ctx: make_dataset(splits[split], model.image_config, ctx.get_per_replica_batch_size(batch_size),
+                                            training=training, seed=cfg.seed, repeat=training, input_context=ctx)
+
+        history = fit_custom(model, strategy, data("train", True), data("valid", False), epochs, steps, callbacks)
+    else:
+        train_ds = make_dataset(splits["train"], model.image_config, batch_size, training=True, seed=cfg.seed)
+        valid_ds = make_dataset(splits["valid"], model.image_config, batch_size, training=False)
+        history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - start
-    model.save(model_path)
-    plot_history(model_dir / "history.csv", model_dir / "curves.png", f"{name} ({cfg.preset}) training")
+    model.save(out_dir / "model.keras")  # on every worker (it may read synchronised variables); only the chief's stays
     info = {
         "preset": cfg.preset,
         "parameters": int(model.count_params()),
@@ -128,9 +161,16 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path) -> dict:
         "stopped_by_time_budget": budget_cb.stopped_early,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
+        "replicas": strategy.num_replicas_in_sync,
+        "weights_sha256": weights_digest(model),
         "final": {k: round(float(v[-1]), 4) for k, v in history.history.items() if v},
     }
-    (model_dir / DONE_MARKER).write_text(json.dumps(info, indent=2))
+    print(f"[{name}] final weights sha256 {info['weights_sha256']}")
+    if chief:
+        plot_history(model_dir / "history.csv", model_dir / "curves.png", f"{name} ({cfg.preset}) training")
+        (model_dir / DONE_MARKER).write_text(json.dumps(info, indent=2))
+    else:
+        shutil.rmtree(out_dir, ignore_errors=True)
     return {"model": model, **info}
 
 
@@ -151,25 +191,34 @@ def evaluate_one(name: str, model, records, model_dir: Path, context: dict) -> d
     return metrics, predictions["captions"]
 
 
-def run_training(cfg, run_dir: Path, resumed: bool, cache_dir: Path) -> Path:
-    """Train and evaluate every requested model; return the path of report.md."""
+def run_training(cfg, run_dir: Path, resumed: bool, cache_dir: Path) -> Path | None:
+    """Train and evaluate every requested model; return the path of report.md (None on a non-chief worker)."""
+    strategy = make_strategy(cfg.distribute)  # first: MultiWorkerMirroredStrategy must precede any other TF op
     started = time.perf_counter()
     root, splits, reports = prepare_data(cfg, cache_dir)
     tokenizer = prepare_tokenizer(cfg, run_dir, splits["train"])
     eval_split = cfg.eval_split if cfg.eval_split in splits else "valid"
     names = MODELS if cfg.model == "all" else (cfg.model,)
+    if not is_chief():  # a worker only trains: the chief evaluates and reports
+        for name in names:
+            train_one(name, cfg, tokenizer, splits, run_dir, strategy)
+        wait_for_all(strategy)  # until the chief is done: leaving early would abort its collectives
+        return None
+    eval_records = splits[eval_split]
+    if isinstance(eval_records, ShardedSplit):  # evaluation and its plots read image files
+        eval_records = eval_records.unpack(cache_dir / "tfrecords" / eval_records.checksum[:16] / eval_split)
     context = {"dataset": str(root), "split": eval_split, "images": len(splits[eval_split]),
                "skipped_rows": reports[eval_split].total - reports[eval_split].valid}
     results, captions = {}, {}
     for name in names:
-        trained = train_one(name, cfg, tokenizer, splits, run_dir)
+        trained = train_one(name, cfg, tokenizer, splits, run_dir, strategy)
         model = trained.pop("model")
-        print(f"\n[{name}] evaluating on {eval_split} ({len(splits[eval_split])} images)")
-        trained["metrics"], captions[name] = evaluate_one(name, model, splits[eval_split], run_dir / name, context)
+        print(f"\n[{name}] evaluating on {eval_split} ({len(eval_records)} images)")
+        trained["metrics"], captions[name] = evaluate_one(name, model, eval_records, run_dir / name, context)
         results[name] = trained
     fields = {n: r["metrics"]["fields"] for n, r in results.items()}
     plot_field_accuracy(fields, run_dir / "field_accuracy.png", f"Field accuracy on {eval_split}")
-    plot_examples(splits[eval_split], captions, run_dir / "examples.png")
+    plot_examples(eval_records, captions, run_dir / "examples.png")
     summary = {
         "dataset": str(root),
         "splits": {s: {"usable": r.valid, "total": r.total} for s, r in reports.items()},
@@ -180,4 +229,6 @@ def run_training(cfg, run_dir: Path, resumed: bool, cache_dir: Path) -> Path:
         "config": asdict(cfg),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return write_run_report(run_dir, summary)
+    report = write_run_report(run_dir, summary)
+    wait_for_all(strategy)  # release the workers
+    return report

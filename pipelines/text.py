@@ -33,8 +33,9 @@ def build_vocabulary(captions: Iterable[str], vocabulary_size: int = 4000) -> li
     vocab = keras_hub.tokenizers.compute_word_piece_vocabulary(
         data, vocabulary_size, lowercase=True, reserved_tokens=SPECIAL_TOKENS
     )
-    # Every single character stays reachable, so nothing but true junk becomes [UNK].
-    return list(vocab)
+    # Every single character stays reachable, so nothing but true junk becomes [UNK]. Tokens holding
+    # whitespace (from exotic spaces in real captions) can never be produced and would not survive vocab.txt.
+    return [t for t in vocab if t in SPECIAL_TOKENS or (t.removeprefix("##") and not any(c.isspace() for c in t))]
 
 
 def make_tokenizer(vocabulary: list[str] | str | Path) -> keras_hub.models.BertTokenizer:
@@ -64,4 +65,8 @@ def load_vocabulary(path: str | Path) -> list[str]:
         path = path / VOCAB_FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"No vocabulary at {path}.")
-    return [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # One token per "\n"-ended line, as BERT's vocab.txt (str.splitlines would also split on exotic separators).
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]

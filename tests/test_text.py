@@ -72,3 +72,13 @@ def test_generate_prompt_is_one_cls_per_image(vocabulary):
     ids, mask = np.asarray(out["token_ids"]), np.asarray(out["padding_mask"])
     assert ids.shape == (3, 6) and (ids[:, 0] == 2).all() and (ids[:, 1:] == 0).all()
     assert mask[:, 0].all() and not mask[:, 1:].any()
+
+
+def test_real_caption_whitespace_never_becomes_a_token_and_vocab_txt_keeps_ids(tmp_path):
+    # Real (ROCO) captions hold exotic spaces and separators, and an acute accent (U+00B4) that lowercasing
+    # (NFD, accents dropped) turns into a bare space.
+    odd = ["4\u00a0weeks after osteotomy", "a 3\u2009mm nodule", "left\u2028lobe", "T2\x1cweighted", "x\x85y", "the left Meckel\u00b4s cave"] * 5
+    vocabulary = build_vocabulary(CAPTIONS + odd, 300)
+    assert not [t for t in vocabulary if any(c.isspace() for c in t) or t in ("", "##")]
+    save_vocabulary(vocabulary, tmp_path)
+    assert load_vocabulary(tmp_path) == vocabulary  # same ids after a reload (resume, export)

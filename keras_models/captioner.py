@@ -81,12 +81,16 @@ class ImageCaptioner(keras_hub.models.CausalLM):
         """One compilable batch of generation: the keras-hub sampler loop over `call_with_cache`."""
         images, token_ids, padding_mask = inputs["images"], inputs["token_ids"], inputs["padding_mask"]
         hidden_states, cache = self._build_cache(images, token_ids, padding_mask)
+        return self._sample(token_ids, padding_mask, hidden_states, cache, self.call_with_cache, stop_token_ids)
+
+    def _sample(self, token_ids, padding_mask, hidden_states, cache, step, stop_token_ids=None):
+        """The sampler's loop from the prompt; `step(ids, cache, index) -> (logits, hidden, cache)` is one step."""
         index = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=-1))
 
         def next(prompt, cache, index):
             batch_size = ops.shape(prompt)[0]
             last = ops.slice(prompt, [0, index - 1], [batch_size, 1])
-            logits, hidden, cache = self.call_with_cache(last, cache, index - 1)
+            logits, hidden, cache = step(last, cache, index - 1)
             return ops.squeeze(logits, axis=1), ops.squeeze(hidden, axis=1), cache
 
         token_ids = self.sampler(

@@ -37,9 +37,10 @@ class SparseCrossentropyWithLabelSmoothing(keras.losses.Loss):
 class GitCaptioner(ImageCaptioner):
     """GIT as a captioner: `GitBackbone` + untied `Linear(hidden_dim, vocab)` head on the text positions.
 
-    The decoding cache holds, per layer, keys and values of the image tokens
-    (computed once in `_build_cache`) followed by those of the text tokens:
-    `[B, num_layers, 2, N + T, num_heads, head_dim]`.
+    The decoding cache holds, per layer, `(image_keys, image_values, text_keys, text_values)`:
+    the image ones `[B, N, num_heads, head_dim]` computed once in `_build_cache` and never
+    copied again (never repeated per beam either), the text ones `[B, T, num_heads, head_dim]`
+    written one position per step.
     """
 
     backbone_cls = GitBackbone
@@ -71,42 +72,116 @@ class GitCaptioner(ImageCaptioner):
             loss = SparseCrossentropyWithLabelSmoothing(label_smoothing)
         super().compile(optimizer=optimizer, loss=loss, **kwargs)
 
-    def _decode(self, x, mask, cache, cache_update_index):
-        """Run the decoder layers over `x`, writing keys/values at `cache_update_index` (absolute)."""
-        caches = []
-        for i, layer in enumerate(self.backbone.transformer_layers):
-            x, layer_cache = layer(
-                x,
-                decoder_attention_mask=mask,
-                self_attention_cache=cache[:, i, ...],
-                self_attention_cache_update_index=cache_update_index,
-                use_causal_mask=False,
-            )
-            caches.append(layer_cache)
-        return x, ops.stack(caches, axis=1)
+    def make_generate_function(self):
+        """keras-hub's compiled generation, with XLA on TensorFlow for generation alone.
+
+        Keras leaves XLA off on CPU-only machines, but the fused decoding loop is about 1.4x
+        faster at batch 1 there; training keeps `jit_compile` as it was set.
+        """
+        if self.generate_function is not None or self.run_eagerly or keras.config.backend() != "tensorflow":
+            return super().make_generate_function()
+        training_jit, self.jit_compile = self.jit_compile, True
+        try:
+            return super().make_generate_function()
+        finally:
+            self.jit_compile = training_jit
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """`ImageCaptioner.generate_step` with the image keys/values outside the sampler's loop state.
+
+        Beam search repeats and reorders its loop state per beam at every step; the image
+        keys/values are the same for every beam of an image, so they stay one row per image.
+        """
+        images, token_ids, padding_mask = inputs["images"], inputs["token_ids"], inputs["padding_mask"]
+        hidden_states, cache = self._build_cache(images, token_ids, padding_mask)
+        image_kv = tuple(layer[:2] for layer in cache)
+
+        def step(ids, text_kv, index):
+            full = tuple((*image, *text) for image, text in zip(image_kv, text_kv))
+            logits, hidden, cache = self.call_with_cache(ids, full, index)
+            return logits, hidden, tuple(layer[2:] for layer in cache)
+
+        text_kv = tuple(layer[2:] for layer in cache)
+        return self._sample(token_ids, padding_mask, hidden_states, text_kv, step, stop_token_ids)
+
+    def _layer(self, layer, x, parts):
+        """One post-LN decoder layer for queries `x` over `parts` [(keys, values, mask or None, grouped)].
+
+        The parts are attended to as one sequence (one softmax), so the image keys/values stay
+        where they are instead of being copied next to the text ones at every step. A `grouped`
+        part holds one row per image while `x` holds one per beam (an image's beams are adjacent).
+        """
+        attention = layer._self_attention_layer
+        query = attention._query_dense(x) * ops.cast(attention._inverse_sqrt_key_dim, x.dtype)
+        rows, length = ops.shape(query)[0], ops.shape(query)[1]
+        heads, head_dim = query.shape[2], query.shape[3]
+
+        def per_image(t, keys):  # [rows, T, H, *] -> [images, rows / images * T, H, *]
+            return ops.reshape(t, (ops.shape(keys)[0], -1, heads, t.shape[-1]))
+
+        scores = []
+        for keys, _, mask, grouped in parts:
+            if grouped:  # [images, beams * T, H, K] -> [rows, H, T, K]
+                score = ops.einsum("bqhd,bkhd->bqhk", per_image(query, keys), keys)
+                score = ops.transpose(ops.reshape(score, (rows, length, heads, ops.shape(keys)[1])), (0, 2, 1, 3))
+            else:
+                score = ops.einsum("bqhd,bkhd->bhqk", query, keys)
+            score = ops.cast(score, "float32")
+            scores.append(score if mask is None else ops.where(mask[:, None, :, :], score, -1e9))
+        probs = ops.cast(ops.softmax(ops.concatenate(scores, axis=-1), axis=-1), x.dtype)
+        context, start = 0, 0
+        for (keys, values, _, grouped), score in zip(parts, scores):
+            end = start + ops.shape(score)[-1]
+            part = probs[..., start:end]
+            if grouped:
+                part = ops.einsum("bqhk,bkhd->bqhd", per_image(ops.transpose(part, (0, 2, 1, 3)), keys), values)
+                context = context + ops.reshape(part, (rows, length, heads, head_dim))
+            else:
+                context = context + ops.einsum("bhqk,bkhd->bqhd", part, values)
+            start = end
+        x = layer._self_attention_layer_norm(x + attention._output_dense(context))
+        feedforward = layer._feedforward_output_dense(layer._feedforward_intermediate_dense(x))
+        return layer._feedforward_layer_norm(x + feedforward)
 
     def _build_cache(self, images, token_ids, padding_mask):
-        """Encode the images once and run [image; prompt]: (text hidden states, filled cache)."""
+        """Encode the images once and run [image; prompt]: (text hidden states, filled cache).
+
+        Image rows see only image tokens, so they run first and alone; the prompt then
+        attends to their keys/values and to itself (causal, padding hidden).
+        """
         backbone = self.backbone
-        x = ops.concatenate([backbone.encode_images(images), backbone.embed_text(token_ids)], axis=1)
-        batch_size, length = ops.shape(x)[0], ops.shape(x)[1]
-        head_dim = backbone.hidden_dim // backbone.num_heads
-        shape = (batch_size, backbone.num_layers, 2, length, backbone.num_heads, head_dim)
-        cache = ops.zeros(shape, dtype=self.compute_dtype)
-        x, cache = self._decode(x, backbone.attention_mask(padding_mask), cache, 0)
-        return x[:, backbone.num_image_tokens :, :], cache
+        image, text = backbone.encode_images(images), backbone.embed_text(token_ids)
+        positions = ops.arange(ops.shape(token_ids)[1])
+        causal = ops.less_equal(positions[None, :], positions[:, None])
+        text_mask = ops.logical_and(causal[None], ops.cast(padding_mask, "bool")[:, None, :])
+        cache = []
+        for layer in backbone.transformer_layers:
+            attention = layer._self_attention_layer
+            image_kv = (attention._key_dense(image), attention._value_dense(image))
+            text_kv = (attention._key_dense(text), attention._value_dense(text))
+            text = self._layer(layer, text, [(*image_kv, None, False), (*text_kv, text_mask, False)])
+            image = self._layer(layer, image, [(*image_kv, None, False)])
+            cache.append((*image_kv, *text_kv))
+        return text, tuple(cache)
 
     def call_with_cache(self, token_ids, cache, cache_update_index):
         """Decode `token_ids` `[B, L]` at text positions `cache_update_index...`: (logits, hidden, cache)."""
         backbone = self.backbone
-        index = backbone.num_image_tokens + cache_update_index  # where this text position sits in the cache
         batch_size, query_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
-        queries = ops.arange(query_length)[:, None] + index
-        keys = ops.arange(ops.shape(cache)[3])[None, :]
-        mask = ops.broadcast_to(ops.less_equal(keys, queries)[None], (batch_size, query_length, ops.shape(cache)[3]))
+        queries = ops.arange(query_length)[:, None] + cache_update_index
+        keys = ops.arange(ops.shape(cache[0][2])[1])[None, :]
+        mask = ops.broadcast_to(ops.less_equal(keys, queries)[None], (batch_size, query_length, ops.shape(keys)[1]))
         x = backbone.embed_text(token_ids, start_index=cache_update_index)  # text positions count text only
-        x, cache = self._decode(x, mask, cache, index)
-        return self.lm_head(x), x, cache
+        start = [0, cache_update_index, 0, 0]
+        new_cache = []
+        for layer, (image_keys, image_values, text_keys, text_values) in zip(backbone.transformer_layers, cache):
+            attention = layer._self_attention_layer
+            text_keys = ops.slice_update(text_keys, start, attention._key_dense(x))
+            text_values = ops.slice_update(text_values, start, attention._value_dense(x))
+            parts = [(image_keys, image_values, None, True), (text_keys, text_values, mask, False)]
+            x = self._layer(layer, x, parts)
+            new_cache.append((image_keys, image_values, text_keys, text_values))
+        return self.lm_head(x), x, tuple(new_cache)
 
 
 def build_git_captioner(preset: str, tokenizer, sequence_length: int | None = None, **overrides) -> GitCaptioner:

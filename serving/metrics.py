@@ -37,8 +37,12 @@ def _number(value: float) -> str:
     return repr(float(value)) if not float(value).is_integer() else str(int(value))
 
 
+MAX_SERIES = 1000  # label sets kept per metric; the rest share one, so random model names cannot grow memory
+OVERFLOW = "__overflow__"
+
+
 class _Metric:
-    """A named metric family with fixed label names."""
+    """A named metric family with fixed label names (at most MAX_SERIES label sets, then one shared)."""
 
     kind = ""
 
@@ -50,7 +54,10 @@ class _Metric:
     def _key(self, labels: Sequence[str]) -> tuple[str, ...]:
         if len(labels) != len(self.label_names):
             raise ValueError(f"{self.name} takes labels {self.label_names}, got {tuple(labels)}")
-        return tuple(str(v) for v in labels)
+        key = tuple(str(v) for v in labels)
+        if key not in self._cells and len(self._cells) >= MAX_SERIES:
+            return (OVERFLOW,) * len(key)
+        return key
 
     def render(self) -> list[str]:
         """The # HELP / # TYPE header and one line per sample."""

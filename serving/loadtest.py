@@ -14,6 +14,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from serving.client import CaptionClient, read_image
@@ -33,27 +34,56 @@ def latency(server: str, model: str, image: bytes, requests: int, signature: str
     return times
 
 
-def throughput(server: str, model: str, image: bytes, concurrency: int, seconds: float,
-               signature: str) -> tuple[int, float, list[float]]:
-    """(requests done, seconds, per-request latencies) with `concurrency` clients sending one image each."""
+@dataclass
+class LoadResult:
+    """What a run of concurrent clients did: successes with their latencies, failures, wall time."""
+
+    concurrency: int
+    elapsed: float
+    latencies: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def done(self) -> int:
+        """Requests answered with captions."""
+        return len(self.latencies)
+
+    @property
+    def requests_per_second(self) -> float:
+        """Answered requests per second of wall time."""
+        return self.done / self.elapsed if self.elapsed else 0.0
+
+
+def throughput(server: str, model: str, image: bytes, concurrency: int, seconds: float | None = None,
+               signature: str = "serving_default", requests: int | None = None) -> LoadResult:
+    """`concurrency` clients sending one image each, for `seconds` or until `requests` were sent in all."""
+    if (seconds is None) == (requests is None):
+        raise ValueError("give either seconds or requests")
     stop = threading.Event()
-    latencies: list[float] = []
+    result = LoadResult(concurrency, 0.0)
     lock = threading.Lock()
-    failures: list[str] = []
+    tickets = iter(range(requests)) if requests is not None else None
+
+    def take_ticket() -> bool:
+        if tickets is None:
+            return not stop.is_set()
+        with lock:
+            return next(tickets, None) is not None
 
     def worker():
         with CaptionClient(server, model, signature, retries=0) as client:
             client.caption([image])  # connect before the clock starts
             barrier.wait()
-            while not stop.is_set():
+            while take_ticket():
                 started = time.perf_counter()
                 try:
                     client.caption([image])
                 except Exception as e:  # noqa: BLE001 - count and report, keep measuring
-                    failures.append(str(e))
+                    with lock:
+                        result.failures.append(str(e))
                     continue
                 with lock:
-                    latencies.append(time.perf_counter() - started)
+                    result.latencies.append(time.perf_counter() - started)
 
     barrier = threading.Barrier(concurrency + 1)
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
@@ -61,14 +91,15 @@ def throughput(server: str, model: str, image: bytes, concurrency: int, seconds:
         thread.start()
     barrier.wait()
     started = time.perf_counter()
-    time.sleep(seconds)
-    stop.set()
+    if seconds is not None:
+        time.sleep(seconds)
+        stop.set()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - started
-    if failures:
-        print(f"{len(failures)} failed requests, e.g. {failures[0]}", file=sys.stderr)
-    return len(latencies), elapsed, latencies
+    result.elapsed = time.perf_counter() - started
+    if result.failures:
+        print(f"{len(result.failures)} failed requests, e.g. {result.failures[0]}", file=sys.stderr)
+    return result
 
 
 def _ms(values: list[float], q: float) -> float:
@@ -90,13 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     image = read_image(args.image) if args.image else png_bytes(128, (256, 256))
 
     times = latency(args.server, args.model, image, args.requests, args.signature)
-    done, elapsed, latencies = throughput(args.server, args.model, image, args.concurrency, args.seconds,
-                                          args.signature)
+    load = throughput(args.server, args.model, image, args.concurrency, args.seconds, args.signature)
     print(f"| run | batch-1 latency p50 / p90 / p99 (ms) | {args.concurrency} clients: requests/s | "
           "latency p50 / p99 (ms) |")
     print("|---|---|---|---|")
     print(f"| {args.label or args.model} | {_ms(times, 50):.1f} / {_ms(times, 90):.1f} / {_ms(times, 99):.1f} | "
-          f"{done / elapsed:.1f} | {_ms(latencies, 50):.1f} / {_ms(latencies, 99):.1f} |")
+          f"{load.requests_per_second:.1f} | {_ms(load.latencies, 50):.1f} / {_ms(load.latencies, 99):.1f} |")
     return 0
 
 

@@ -23,7 +23,8 @@ EXTRAS = {
     "torch": ["torch==2.13.0", "transformers", "safetensors"],
     "app": ["streamlit"],
     "notebooks": ["nbclient", "nbformat", "ipykernel"],
-    "test": ["pytest", "hypothesis", "playwright"],  # playwright drives Debian's chromium, never downloads one
+    # playwright drives Debian's chromium, never downloads one; atheris (libFuzzer) for benchmarks/fuzz_atheris.py
+    "test": ["pytest", "hypothesis", "psutil", "atheris", "playwright"],
 }
 EXTRAS["all"] = sorted({p for group in EXTRAS.values() for p in group})
 

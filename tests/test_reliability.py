@@ -294,15 +294,15 @@ def test_sigkill_during_export_leaves_no_version_behind(deployment):
     before = sorted(p.name for p in model_dir.iterdir() if p.name.isdigit())
     command = [sys.executable, "-m", "export", "--model", str(d.root / "tiny.keras"), "--base-dir",
                str(d.root / "models"), "--name", "swap", "--version", "2"]
+    # SIGKILL at the worst moment, deterministically: everything written, the atomic rename not yet done
+    # (a kill from outside races a tiny model's export, which can finish between two polls).
+    kill_before_rename = ("import os, runpy, signal, sys; os.rename = lambda *a: os.kill(os.getpid(), signal.SIGKILL); "
+                          "sys.argv[0] = 'export'; runpy.run_module('export', run_name='__main__')")
     with open(d.root / "export.log", "wb") as log:
-        export = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: any(model_dir.glob(".tmp-2-*")) or export.poll() is not None, 300,
-                 "the export to start writing")
-        export.send_signal(signal.SIGKILL)
-    finally:
-        export.wait()
+        export = subprocess.run([sys.executable, "-c", kill_before_rename, *command[3:]], cwd=REPO, stdout=log,
+                                stderr=subprocess.STDOUT, timeout=300)
     assert export.returncode == -signal.SIGKILL, (d.root / "export.log").read_text()[-3000:]
+    assert any(model_dir.glob(".tmp-2-*"))  # the half-made version is there, under a name no server loads
     assert sorted(p.name for p in model_dir.iterdir() if p.name.isdigit()) == before
     time.sleep(1.0)  # several polls: the half-written temp directory is never a version
     assert 2 not in status(d, "swap") and served_version(d) == 1

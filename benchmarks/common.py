@@ -44,15 +44,6 @@ def median_seconds(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) 
     return statistics.median(times), times
 
 
-def percentile_ms(values: list[float], q: float) -> float:
-    """The q-th percentile of seconds, in milliseconds (nan for none)."""
-    if not values:
-        return float("nan")
-    if len(values) == 1:
-        return 1000 * values[0]
-    return 1000 * statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
-
-
 def machine() -> dict:
     """The machine and software a figure came from, and its 1-minute load average (this run included)."""
     import tensorflow as tf

@@ -17,7 +17,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-from benchmarks.common import percentile_ms, print_table, write_json
+from benchmarks.common import print_table, write_json
+from serving.loadtest import percentile_ms
 from benchmarks.serving import BATCHING_CONFIG, MODELS_CONFIG, example_image, export_captioner
 
 TOLERANCE = 0.10

@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import median_seconds, percentile_ms, print_table, write_json
+from benchmarks.common import median_seconds, print_table, write_json
+from serving.loadtest import percentile_ms
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "pipelines" / "examples" / "valid"

@@ -102,8 +102,13 @@ def throughput(server: str, model: str, image: bytes, concurrency: int, seconds:
     return result
 
 
-def _ms(values: list[float], q: float) -> float:
-    return 1000 * statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else 1000 * values[0]
+def percentile_ms(values: list[float], q: float) -> float:
+    """The q-th percentile of seconds, in milliseconds (nan for none)."""
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return 1000 * values[0]
+    return 1000 * statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| run | batch-1 latency p50 / p90 / p99 (ms) | {args.concurrency} clients: requests/s | "
           "latency p50 / p99 (ms) |")
     print("|---|---|---|---|")
-    print(f"| {args.label or args.model} | {_ms(times, 50):.1f} / {_ms(times, 90):.1f} / {_ms(times, 99):.1f} | "
-          f"{load.requests_per_second:.1f} | {_ms(load.latencies, 50):.1f} / {_ms(load.latencies, 99):.1f} |")
+    ms = percentile_ms
+    print(f"| {args.label or args.model} | {ms(times, 50):.1f} / {ms(times, 90):.1f} / {ms(times, 99):.1f} | "
+          f"{load.requests_per_second:.1f} | {ms(load.latencies, 50):.1f} / {ms(load.latencies, 99):.1f} |")
     return 0
 
 

@@ -42,38 +42,41 @@ def make_dataset(
     seed: int = 0,
     cache: bool | str = True,
     augment: bool = True,
-    deterministic: bool = False,
+    deterministic: bool = True,
     repeat: bool = False,
     input_context: tf.distribute.InputContext | None = None,
+    epoch: int | tf.Variable = 0,
 ) -> tf.data.Dataset:
     """Batches of `{"images": float [B, S, S, C], "captions": string [B]}` from ROCOv2 records.
 
     `records` are `pipelines.rocov2.Record`s (anything with `image_path` and
-    `caption`) or a `pipelines.tfrecords.ShardedSplit` (read from its shards,
-    never cached: the shards already are the cache). Files are read once and
-    cached (in memory, or at a path given as `cache`), decoded in parallel
-    every epoch, shuffled and augmented only when `training`. `deterministic`
-    fixes the element order for tests; `repeat` makes the stream endless.
-    Under a `tf.distribute` strategy `input_context` gives this worker its
-    share (whole shard files, or every n-th record) and `batch_size` is per replica.
+    `caption`) or a `pipelines.tfrecords.ShardedSplit` (read from its shards).
+    Images are decoded in parallel every epoch; shuffling and augmentation
+    happen only when `training`. `repeat` makes the stream endless. Under a
+    `tf.distribute` strategy `input_context` gives this worker its share (whole
+    shard files, or every n-th record) and `batch_size` is per replica.
+
+    Training order is a function of `(seed, epoch)` alone, never of how often
+    this process has iterated, so a run resumed at epoch k reads epoch k's
+    order. `epoch` is the first epoch, or a `tf.Variable` that a callback sets
+    (`EpochOrder`); each new pass over the dataset starts at its value and
+    advances it by one. Evaluation data is read once and cached (`cache`: in
+    memory, or a path), in file order; `deterministic=False` lets parallel
+    decoding reorder elements for a little speed.
     """
     if not len(records):
         raise ValueError("No records to build a dataset from.")
-    if hasattr(records, "dataset"):  # a ShardedSplit
-        ds = records.dataset(input_context, training=training, seed=seed)
-    else:
-        if input_context is not None and input_context.num_input_pipelines > 1:
-            records = records[input_context.input_pipeline_id :: input_context.num_input_pipelines]
-        paths = [str(r.image_path) for r in records]
-        captions = [normalize_caption(r.caption) for r in records]
-        ds = tf.data.Dataset.from_tensor_slices({"path": paths, "caption": captions})
-        ds = ds.map(lambda r: {"bytes": tf.io.read_file(r["path"]), "caption": r["caption"]}, num_parallel_calls=AUTOTUNE)
-        if cache:
-            ds = ds.cache(cache if isinstance(cache, str) else "")
+    sharded = hasattr(records, "dataset")  # a ShardedSplit
+    if not sharded and input_context is not None and input_context.num_input_pipelines > 1:
+        records = records[input_context.input_pipeline_id :: input_context.num_input_pipelines]
     if training:
-        ds = ds.shuffle(min(len(records), 10_000), seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+        ds = _shuffled_epochs(records, input_context, seed, epoch, repeat)
+    else:
+        ds = records.dataset(input_context) if sharded else _read_files(records, order=None)
+        if cache and not sharded:  # shards already are a cache
+            ds = ds.cache(cache if isinstance(cache, str) else "")
+        if repeat:
+            ds = ds.repeat()
     ds = ds.map(
         lambda r: {"images": load_image(r["bytes"], image_config), "captions": r["caption"]},
         num_parallel_calls=AUTOTUNE,
@@ -91,3 +94,58 @@ def make_dataset(
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+class EpochOrder(keras.callbacks.Callback):
+    """Tell a training dataset which epoch `fit()` is starting, so its order is that epoch's."""
+
+    def __init__(self, epoch: tf.Variable):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch.assign(epoch)
+
+
+def epoch_variable(first: int = 0) -> tf.Variable:
+    """The counter that `make_dataset(..., epoch=...)` and `EpochOrder` share."""
+    return tf.Variable(first, dtype=tf.int64, trainable=False, name="data_epoch")
+
+
+def _read_files(records: Sequence, order: tf.Tensor | None) -> tf.data.Dataset:
+    """`{"bytes", "caption"}` for `records`, in file order or in the order of the indices `order`."""
+    paths = tf.constant([str(r.image_path) for r in records])
+    captions = tf.constant([normalize_caption(r.caption) for r in records])
+    indices = tf.data.Dataset.range(len(records)) if order is None else tf.data.Dataset.from_tensor_slices(order)
+    return indices.map(lambda i: {"bytes": tf.io.read_file(paths[i]), "caption": captions[i]},
+                       num_parallel_calls=AUTOTUNE)
+
+
+def _shuffled_epochs(records, input_context, seed: int, epoch: int | tf.Variable, repeat: bool) -> tf.data.Dataset:
+    """`{"bytes", "caption"}` examples, one full shuffled pass per epoch, each pass's order set by (seed, epoch)."""
+    counter = epoch if isinstance(epoch, tf.Variable) else epoch_variable(int(epoch))
+    start = tf.data.Dataset.range(1).map(lambda _: counter.assign_add(1) - 1)  # read when a pass begins
+    epochs = start.flat_map(lambda first: tf.data.Dataset.range(first, first + (2**62 if repeat else 1)))
+
+    def one_epoch(e: tf.Tensor) -> tf.data.Dataset:
+        key = tf.stack([tf.constant(seed, tf.int64), e])
+        if hasattr(records, "dataset"):  # shards: shuffled file order, then windows shuffled
+            return _window_shuffle(records.dataset(input_context, training=True, order_seed=key), 1024, key)
+        return _read_files(records, tf.random.experimental.stateless_shuffle(tf.range(len(records), dtype=tf.int64), key))
+
+    ds = epochs.flat_map(one_epoch)
+    if not repeat:  # Keras then knows the steps per epoch
+        examples = len(records) if not hasattr(records, "dataset") else records.share(input_context)
+        if examples is not None:
+            ds = ds.apply(tf.data.experimental.assert_cardinality(examples))
+    return ds
+
+
+def _window_shuffle(ds: tf.data.Dataset, window: int, key: tf.Tensor) -> tf.data.Dataset:
+    """Shuffle within consecutive windows of `window` elements, each with its own stateless seed."""
+    def shuffle(index, batch):
+        size = tf.shape(batch["caption"], out_type=tf.int64)[0]
+        order = tf.random.experimental.stateless_shuffle(tf.range(size), key * 1_000_003 + index)
+        return tf.nest.map_structure(lambda t: tf.gather(t, order), batch)
+
+    return ds.batch(window).enumerate().map(shuffle).unbatch()

@@ -182,7 +182,7 @@ def fit_custom(
 
         return strategy.distribute_datasets_from_function(batches)
 
-    train, valid = iter(distribute(train_data)), distribute(valid_data)
+    train, valid = None, distribute(valid_data)
     average_local_state = local_state_averager(strategy, model)
     with strategy.scope():
         model.optimizer.build(model.trainable_variables)
@@ -209,6 +209,8 @@ def fit_custom(
     for epoch in range(first, epochs):
         model.reset_metrics()
         callbacks.on_epoch_begin(epoch)
+        if train is None:  # started only now, so that its stream begins at the epoch a resumed run restored
+            train = iter(distribute(train_data))
         for step in range(steps_per_epoch):
             callbacks.on_train_batch_begin(step)
             callbacks.on_train_batch_end(step, {k: float(v) for k, v in train_step(train).items()})

@@ -177,18 +177,21 @@ class ShardedSplit:
         return (ds if self.limit is None else ds.take(self.limit)).map(lambda s: _parse(s, features))
 
     def dataset(self, input_context: tf.distribute.InputContext | None = None, training: bool = False,
-                seed: int = 0) -> tf.data.Dataset:
-        """`{"bytes", "caption"}` examples; whole shard files per worker when there are enough of them."""
+                order_seed: tf.Tensor | None = None) -> tf.data.Dataset:
+        """`{"bytes", "caption"}` examples; whole shard files per worker when there are enough of them.
+
+        In training the shard files are read in the order that the stateless `order_seed` ([2] int64) draws.
+        """
         workers = input_context.num_input_pipelines if input_context else 1
         by_file = workers > 1 and len(self.files) >= workers and self.limit is None
         if by_file or (training and workers == 1 and self.limit is None):
-            files = tf.data.Dataset.from_tensor_slices(list(self.files))
-            if by_file:
-                files = files.shard(workers, input_context.input_pipeline_id)
-            if training:
-                files = files.shuffle(len(self.files), seed=seed, reshuffle_each_iteration=True)
-            ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(self.files), 8) if training else 1,
-                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+            files = list(self.files)[input_context.input_pipeline_id :: workers] if by_file else list(self.files)
+            names = tf.constant(files)
+            if training and order_seed is not None:
+                names = tf.gather(names, tf.random.experimental.stateless_shuffle(tf.range(len(files)), order_seed))
+            ds = tf.data.Dataset.from_tensor_slices(names).interleave(
+                tf.data.TFRecordDataset, cycle_length=min(len(files), 8) if training else 1,
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         else:  # in order: evaluation sees the examples as written, and sharding by example stays exact
             ds = tf.data.TFRecordDataset(list(self.files))
             ds = ds if self.limit is None else ds.take(self.limit)
@@ -197,6 +200,11 @@ class ShardedSplit:
         if workers == 1:  # Keras then knows the steps per epoch (and checks the manifest's count)
             ds = ds.apply(tf.data.experimental.assert_cardinality(len(self)))
         return ds.map(_bytes_and_caption, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def share(self, input_context: tf.distribute.InputContext | None = None) -> int | None:
+        """How many examples this worker reads per epoch (None when only the shard files would tell)."""
+        workers = input_context.num_input_pipelines if input_context else 1
+        return len(self) if workers == 1 else None
 
     def __iter__(self) -> Iterator[Record]:
         """The records in order, without their images (`image_path` is empty)."""

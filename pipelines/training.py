@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 
 from keras_models.registry import MODELS, build_captioner, presets
-from pipelines.dataset import make_dataset
+from pipelines.dataset import EpochOrder, epoch_variable, make_dataset
 from pipelines.distributed import (
     ResumeFromChief,
     fit_custom,
@@ -140,15 +140,19 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
         keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
         budget_cb,
     ]
+    data_epoch = epoch_variable()  # the training order is the epoch's, also after --resume
+    callbacks.append(EpochOrder(data_epoch))
     start = time.perf_counter()
     if custom_loop:
         def data(split: str, training: bool):
             return lambda ctx: make_dataset(splits[split], model.image_config, ctx.get_per_replica_batch_size(batch_size),
-                                            training=training, seed=cfg.seed, repeat=training, input_context=ctx)
+                                            training=training, seed=cfg.seed, repeat=training, input_context=ctx,
+                                            epoch=data_epoch)
 
         history = fit_custom(model, strategy, data("train", True), data("valid", False), epochs, steps, callbacks)
     else:
-        train_ds = make_dataset(splits["train"], model.image_config, batch_size, training=True, seed=cfg.seed)
+        train_ds = make_dataset(splits["train"], model.image_config, batch_size, training=True, seed=cfg.seed,
+                                epoch=data_epoch)
         valid_ds = make_dataset(splits["valid"], model.image_config, batch_size, training=False)
         history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - start

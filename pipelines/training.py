@@ -37,7 +37,11 @@ DONE_MARKER = "DONE.json"
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """Stop after the epoch when one more epoch would overrun `minutes` of wall time."""
+    """Stop after the epoch when one more epoch would overrun `minutes` of wall time.
+
+    The next epoch is predicted to take as long as the last one: the first also traces the step
+    and reads every file once, so an average over epochs would overestimate it.
+    """
 
     def __init__(self, minutes: float | None):
         super().__init__()
@@ -45,16 +49,17 @@ class TimeBudget(keras.callbacks.Callback):
         self.stopped_early = False
 
     def on_train_begin(self, logs=None):
-        self.start = time.perf_counter()
-        self.epochs_done = 0
+        self.start = self.epoch_start = time.perf_counter()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch_start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
         if not self.seconds:
             return
-        self.epochs_done += 1
-        elapsed = time.perf_counter() - self.start
-        per_epoch = elapsed / self.epochs_done
-        if elapsed + per_epoch > self.seconds:
+        now = time.perf_counter()
+        elapsed, last_epoch = now - self.start, now - self.epoch_start
+        if elapsed + last_epoch > self.seconds:
             print(f"\nTime budget: stopping after epoch {epoch + 1} ({elapsed / 60:.1f} of {self.seconds / 60:.1f} min).")
             self.stopped_early = True
             self.model.stop_training = True

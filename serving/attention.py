@@ -41,8 +41,8 @@ def git_attention_maps(model, images, token_ids, padding_mask=None):
     query = last._self_attention_layer_norm(x) if last.normalize_first else x
     _, scores = last._self_attention_layer(query=query, value=query, attention_mask=mask,
                                            return_attention_scores=True)  # [B, heads, N+T, N+T]
-    n = backbone.num_image_tokens
-    text_to_patches = ops.mean(ops.cast(scores, "float32"), axis=1)[:, n:, 1:n]  # drop the class token (column 0)
+    n, vision = backbone.num_image_tokens, backbone.vision_encoder.num_tokens  # (a concept token may follow)
+    text_to_patches = ops.mean(ops.cast(scores, "float32"), axis=1)[:, n:, 1:vision]  # no class token (column 0)
     return text_to_patches / ops.maximum(ops.sum(text_to_patches, axis=-1, keepdims=True), 1e-9)
 
 

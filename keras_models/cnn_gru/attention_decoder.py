@@ -5,7 +5,8 @@ features, and the context is fed with the word embedding into a plain GRU cell; 
 initial state is tanh(Dense([mean, max] of the features)) (the max carries small findings
 that the mean dilutes); the output is a deep output tanh(Dense([h_t, context_t, embedding_t]))
 that the backbone's output embedding turns into logits. Padding tokens leave the state unchanged. No randomness inside the step,
-so the teacher-forced pass and the cached one-step pass compute the same thing.
+so the teacher-forced pass and the cached one-step pass compute the same thing. With `concept_dim`, a concept vector
+[B, concept_dim] (`keras_models.concepts.ConceptHead`) joins the initial state's input and every deep output.
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ class AttentionGRUDecoder(keras.layers.Layer):
     """Teacher-forced decoder: (embeddings [B,T,E], features [B,N,D]) -> (outputs [B,T,output_dim],
     states [B,T,hidden_dim], attention weights [B,T,N])."""
 
-    def __init__(self, hidden_dim: int, attention_dim: int, output_dim: int, dropout: float = 0.0, **kwargs):
+    def __init__(self, hidden_dim: int, attention_dim: int, output_dim: int, dropout: float = 0.0,
+                 concept_dim: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.hidden_dim, self.attention_dim = hidden_dim, attention_dim
-        self.output_dim, self.dropout = output_dim, dropout
+        self.output_dim, self.dropout, self.concept_dim = output_dim, dropout, concept_dim
         policy = self.dtype_policy
         self.cell = AttentionGRUCell(hidden_dim, attention_dim, name="cell", dtype=policy)
         self.initial_state = layers.Dense(hidden_dim, activation="tanh", name="initial_state", dtype=policy)
@@ -75,28 +77,31 @@ class AttentionGRUDecoder(keras.layers.Layer):
         self.embedding_dropout = layers.Dropout(dropout, name="embedding_dropout")
         self.output_dropout = layers.Dropout(dropout, name="output_dropout")
 
-    def build(self, embeddings_shape, features_shape, padding_mask_shape=None):
+    def build(self, embeddings_shape, features_shape, padding_mask_shape=None, concepts_shape=None):
         embedding_dim, feature_dim = embeddings_shape[-1], features_shape[-1]
         self.cell.build((None, embedding_dim), (None, self.hidden_dim), features_shape)
-        self.initial_state.build((None, 2 * feature_dim))
-        self.deep_output.build((None, None, self.hidden_dim + feature_dim + embedding_dim))
+        self.initial_state.build((None, 2 * feature_dim + self.concept_dim))
+        self.deep_output.build((None, None, self.hidden_dim + feature_dim + embedding_dim + self.concept_dim))
         self.built = True
 
-    def start(self, features):
-        """Attention keys and the initial state tanh(Dense([mean, max] of the features)), once per image."""
-        pooled = ops.concatenate([ops.mean(features, axis=1), ops.max(features, axis=1)], axis=-1)
-        return self.cell.keys(features), self.initial_state(pooled)
+    def start(self, features, concepts=None):
+        """Attention keys and the initial state tanh(Dense([mean, max] of the features (, concepts))), once per image."""
+        pooled = [ops.mean(features, axis=1), ops.max(features, axis=1)] + ([concepts] if self.concept_dim else [])
+        return self.cell.keys(features), self.initial_state(ops.concatenate(pooled, axis=-1))
 
     def step(self, embedding, state, features, keys, mask=None):
         """One step for embedding [B, E]: (h_t, context_t, weights_t)."""
         return self.cell(embedding, state, features, keys, mask)
 
-    def project(self, states, contexts, embeddings, training=None):
-        """Deep output tanh(Dense([h, context, embedding])) for [B, T, ...] inputs."""
-        x = ops.concatenate([states, contexts, embeddings], axis=-1)
+    def project(self, states, contexts, embeddings, concepts=None, training=None):
+        """Deep output tanh(Dense([h, context, embedding(, concepts)])) for [B, T, ...] inputs."""
+        parts = [states, contexts, embeddings]
+        if self.concept_dim:  # the same concept vector at every position
+            parts.append(ops.expand_dims(concepts, 1) + ops.zeros_like(states[..., :1]))
+        x = ops.concatenate(parts, axis=-1)
         return self.deep_output(self.output_dropout(x, training=training))
 
-    def run(self, embeddings, features, keys, state, padding_mask=None, training=None):
+    def run(self, embeddings, features, keys, state, padding_mask=None, concepts=None, training=None):
         """Scan the cell over time from `state`: (outputs, states, weights), batch-major."""
         embeddings = self.embedding_dropout(embeddings, training=training)
         if padding_mask is None:
@@ -123,13 +128,13 @@ class AttentionGRUDecoder(keras.layers.Layer):
                 outputs.append(carry)
             outputs = [ops.stack(list(x), axis=0) for x in zip(*outputs)]
         states, contexts, weights = (ops.moveaxis(x, 0, 1) for x in outputs)
-        return self.project(states, contexts, embeddings, training=training), states, weights
+        return self.project(states, contexts, embeddings, concepts, training=training), states, weights
 
-    def call(self, embeddings, features, padding_mask=None, training=None):
-        keys, state = self.start(features)
-        return self.run(embeddings, features, keys, state, padding_mask, training=training)
+    def call(self, embeddings, features, padding_mask=None, concepts=None, training=None):
+        keys, state = self.start(features, concepts)
+        return self.run(embeddings, features, keys, state, padding_mask, concepts, training=training)
 
-    def compute_output_shape(self, embeddings_shape, features_shape, padding_mask_shape=None):
+    def compute_output_shape(self, embeddings_shape, features_shape, padding_mask_shape=None, concepts_shape=None):
         batch, length = embeddings_shape[:2]
         return (batch, length, self.output_dim), (batch, length, self.hidden_dim), (batch, length, features_shape[1])
 
@@ -140,5 +145,6 @@ class AttentionGRUDecoder(keras.layers.Layer):
             attention_dim=self.attention_dim,
             output_dim=self.output_dim,
             dropout=self.dropout,
+            concept_dim=self.concept_dim,
         )
         return config

@@ -6,6 +6,7 @@ import keras
 import keras_hub
 
 from keras_models.cnn_gru.attention_decoder import AttentionGRUDecoder
+from keras_models.concepts import ConceptHead
 from keras_models.cnn_gru.encoders import ImageEncoder
 
 
@@ -17,6 +18,7 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
     (an untied `ReversibleEmbedding`: `token_embedding(x, reverse=True)` gives logits) and
     `decoder` (attention GRU). `encoder_weights` (a local file) is read when the backbone
     is first built; `get_config` drops it because the trained weights are saved with the model.
+    `concept_loss_weight` > 0 adds a `concept_head` (`keras_models.concepts`) that the decoder reads.
     """
 
     def __init__(
@@ -33,6 +35,7 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         hidden_dim: int = 256,
         attention_dim: int = 256,
         dropout: float = 0.1,
+        concept_loss_weight: float = 0.0,
         dtype=None,
         **kwargs,
     ):
@@ -51,14 +54,21 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         self.token_embedding = keras_hub.layers.ReversibleEmbedding(
             vocabulary_size, embedding_dim, tie_weights=False, name="token_embedding", dtype=dtype
         )
-        self.decoder = AttentionGRUDecoder(hidden_dim, attention_dim, embedding_dim, dropout, name="decoder", dtype=dtype)
+        self.concept_head = (
+            ConceptHead(vocabulary_size, embedding_dim, concept_loss_weight, name="concept_head", dtype=dtype)
+            if concept_loss_weight else None
+        )
+        self.decoder = AttentionGRUDecoder(hidden_dim, attention_dim, embedding_dim, dropout,
+                                           concept_dim=embedding_dim if concept_loss_weight else 0,
+                                           name="decoder", dtype=dtype)
 
         # === Functional model ===
         images = keras.Input((image_size, image_size, channels), name="images")
         token_ids = keras.Input((None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input((None,), dtype="bool", name="padding_mask")
         features = self.image_encoder(images)
-        outputs, _, _ = self.decoder(self.token_embedding(token_ids), features, padding_mask)
+        concepts = self.concept_head(features, token_ids, padding_mask) if self.concept_head else None
+        outputs, _, _ = self.decoder(self.token_embedding(token_ids), features, padding_mask, concepts)
         super().__init__(
             inputs={"images": images, "token_ids": token_ids, "padding_mask": padding_mask},
             outputs=outputs,
@@ -72,6 +82,11 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         self.train_encoder = train_encoder
         self.feature_dim, self.embedding_dim = feature_dim, embedding_dim
         self.hidden_dim, self.attention_dim, self.dropout = hidden_dim, attention_dim, dropout
+        self.concept_loss_weight = concept_loss_weight
+
+    def concepts(self, features):
+        """The concept vector for image features (None without a concept head)."""
+        return self.concept_head(features) if self.concept_head else None
 
     @property
     def feature_grid(self) -> tuple[int, int]:
@@ -93,5 +108,6 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
             hidden_dim=self.hidden_dim,
             attention_dim=self.attention_dim,
             dropout=self.dropout,
+            concept_loss_weight=self.concept_loss_weight,
         )
         return config

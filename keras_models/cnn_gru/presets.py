@@ -36,10 +36,11 @@ PRESETS = {
             "hidden_dim": 256,
             "attention_dim": 128,
             "dropout": 0.1,
+            "concept_loss_weight": 1.0,  # keras_models/concepts.py: without it finding/size/laterality stay at chance
         },
         "image_config": {**GREYSCALE, "image_size": 128},
         "sequence_length": 32,
-        "train": {"epochs": 8, "batch_size": 32, "learning_rate": 2e-3, "time_budget_minutes": 5},
+        "train": {"epochs": 4, "batch_size": 32, "learning_rate": 2e-3, "time_budget_minutes": 5.5},
     },
     # keras.applications encoders (weights=None or a local ImageNet file): 224 px -> 7x7 map.
     # Greyscale is repeated to 3 channels inside; mean/std are ImageNet's, averaged over RGB.

@@ -6,6 +6,7 @@ import keras
 import keras_hub
 from keras import ops
 
+from keras_models.concepts import ConceptHead
 from keras_models.git.git_vision_encoder import GitVisionEncoder, get_activation
 
 
@@ -53,6 +54,8 @@ class GitBackbone(keras_hub.models.Backbone):
     only (CLIP has none). `max_sequence_length` is the number of learned text positions.
     `vision_stem="conv"` replaces the patch convolution by a convolutional stem
     for training from scratch (see `conv_stem`); checkpoints use "patch".
+    `concept_loss_weight` > 0 appends one image token from a `ConceptHead` (`keras_models.concepts`),
+    trained to predict the caption's words; checkpoints have none, so imported models match GIT exactly.
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class GitBackbone(keras_hub.models.Backbone):
         layer_norm_epsilon: float = 1e-12,
         dropout: float = 0.1,
         vision_stem: str = "patch",
+        concept_loss_weight: float = 0.0,
         dtype=None,
         **kwargs,
     ):
@@ -109,7 +113,11 @@ class GitBackbone(keras_hub.models.Backbone):
             epsilon=layer_norm_epsilon, dtype=dtype, name="text_embedding_norm"
         )
         self.text_embedding_dropout = keras.layers.Dropout(dropout, dtype=dtype, name="text_embedding_dropout")
-        self.num_image_tokens = self.vision_encoder.num_tokens
+        self.concept_head = (
+            ConceptHead(vocabulary_size, hidden_dim, concept_loss_weight, dtype=dtype, name="concept_head")
+            if concept_loss_weight else None
+        )
+        self.num_image_tokens = self.vision_encoder.num_tokens + (1 if self.concept_head else 0)
         self.attention_mask = GitAttentionMask(self.num_image_tokens, dtype=dtype, name="attention_mask")
         self.transformer_layers = [
             keras_hub.layers.TransformerDecoder(
@@ -129,7 +137,7 @@ class GitBackbone(keras_hub.models.Backbone):
         images = keras.Input((image_size, image_size, num_channels), name="images")
         token_ids = keras.Input((None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
-        x = ops.concatenate([self.encode_images(images), self.embed_text(token_ids)], axis=1)
+        x = ops.concatenate([self.encode_images(images, token_ids, padding_mask), self.embed_text(token_ids)], axis=1)
         mask = self.attention_mask(padding_mask)
         for layer in self.transformer_layers:
             x = layer(x, decoder_attention_mask=mask, use_causal_mask=False)
@@ -161,10 +169,18 @@ class GitBackbone(keras_hub.models.Backbone):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.dropout = dropout
         self.vision_stem = vision_stem
+        self.concept_loss_weight = concept_loss_weight
 
-    def encode_images(self, images):
-        """Images `[B, H, W, C]` -> projected image tokens `[B, N, hidden_dim]`."""
-        return self.image_projection_norm(self.image_projection(self.vision_encoder(images)))
+    def encode_images(self, images, token_ids=None, padding_mask=None):
+        """Images `[B, H, W, C]` -> projected image tokens `[B, N, hidden_dim]` (the concept token last).
+
+        `token_ids` and `padding_mask` are the captions the concept head learns from in training.
+        """
+        tokens = self.image_projection_norm(self.image_projection(self.vision_encoder(images)))
+        if self.concept_head is None:
+            return tokens
+        concepts = self.concept_head(tokens, token_ids, padding_mask)
+        return ops.concatenate([tokens, ops.expand_dims(concepts, 1)], axis=1)
 
     def embed_text(self, token_ids, start_index=0):
         """Token ids `[B, T]` at text positions `start_index...` -> normalised embeddings `[B, T, hidden_dim]`."""
@@ -194,5 +210,6 @@ class GitBackbone(keras_hub.models.Backbone):
             layer_norm_epsilon=self.layer_norm_epsilon,
             dropout=self.dropout,
             vision_stem=self.vision_stem,
+            concept_loss_weight=self.concept_loss_weight,
         )
         return config

@@ -51,10 +51,11 @@ PRESETS = {
             num_heads=4,
             intermediate_dim=512,
             max_sequence_length=64,
+            concept_loss_weight=1.0,  # keras_models/concepts.py: one extra image token that knows the caption's words
         ),
         "image_config": {"image_size": 128, **GREY_IMAGE_CONFIG},
         "sequence_length": 32,
-        "train": {"epochs": 6, "batch_size": 32, "learning_rate": 1e-3, "time_budget_minutes": 5.5},
+        "train": {"epochs": 4, "batch_size": 32, "learning_rate": 1e-3, "time_budget_minutes": 5.5},
     },
     "base": {
         "backbone": dict(

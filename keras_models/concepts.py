@@ -1,0 +1,68 @@
+"""A concept head: which words the caption will use, predicted from the image, fed back to the decoder.
+
+Image captioners trained from scratch learn the language first and the image late: a finding that
+decides one or two words of a caption gets a small share of the token loss, so the decoder writes the
+most frequent finding for the region for a long time. Predicting the caption's words as a multi-label
+target straight from pooled image features (as in "semantic attention", You et al. 2016, and the tag
+classifier of Jing et al. 2018) gives the encoder a dense signal per finding, and feeding the predicted
+probabilities to the decoder gives it a short path to them. The targets come from the caption's own
+token ids, so it works on any dataset without extra labels.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+
+@keras.saving.register_keras_serializable(package="medcap")
+class ConceptHead(keras.layers.Layer):
+    """Image features `[B, N, D]` -> concept vector `[B, output_dim]` = tanh(Dense(sigmoid(word logits))).
+
+    Word logits come from the mean and max of the features over N. Given the captions' `token_ids`
+    in `fit()` or `evaluate()` (which pass `training`), it adds `loss_weight` x (binary cross-entropy
+    summed over the vocabulary, averaged over the batch; target: the word occurs in the caption) via
+    `add_loss`, so `loss` and `val_loss` measure the same sum. Captioning passes no captions: no loss.
+    """
+
+    def __init__(self, vocabulary_size: int, output_dim: int, loss_weight: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.vocabulary_size, self.output_dim, self.loss_weight = vocabulary_size, output_dim, loss_weight
+        self.word_logits = layers.Dense(vocabulary_size, name="word_logits", dtype=self.dtype_policy)
+        self.embed = layers.Dense(output_dim, activation="tanh", name="embed", dtype=self.dtype_policy)
+
+    def build(self, features_shape, token_ids_shape=None, padding_mask_shape=None):
+        self.word_logits.build((None, 2 * features_shape[-1]))
+        self.embed.build((None, self.vocabulary_size))
+        self.built = True
+
+    def logits(self, features):
+        """Multi-label word logits `[B, vocabulary_size]`."""
+        pooled = ops.concatenate([ops.mean(features, axis=1), ops.max(features, axis=1)], axis=-1)
+        return self.word_logits(pooled)
+
+    def call(self, features, token_ids=None, padding_mask=None, training=None):
+        logits = self.logits(features)
+        if training is not None and token_ids is not None and self.loss_weight:
+            self.add_loss(self.loss_weight * self.word_loss(logits, token_ids, padding_mask))
+        return self.embed(ops.sigmoid(logits))
+
+    def word_loss(self, logits, token_ids, padding_mask=None):
+        """Sum over the vocabulary of BCE(logits, words present in the caption), averaged over the batch."""
+        if padding_mask is None:
+            padding_mask = ops.not_equal(token_ids, 0)
+        ids = ops.where(ops.cast(padding_mask, "bool"), token_ids, 0)
+        present = ops.max(ops.one_hot(ids, self.vocabulary_size, dtype="float32"), axis=1)
+        never_pad = ops.concatenate([ops.zeros_like(present[:, :1]), ops.ones_like(present[:, 1:])], axis=-1)
+        target = present * never_pad  # id 0 ([PAD]) is no word
+        logits = ops.cast(logits, "float32")
+        bce = ops.binary_crossentropy(target, logits, from_logits=True)
+        return ops.mean(ops.sum(bce, axis=-1))
+
+    def compute_output_shape(self, features_shape, token_ids_shape=None, padding_mask_shape=None):
+        return (features_shape[0], self.output_dim)
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        config.update(vocabulary_size=self.vocabulary_size, output_dim=self.output_dim, loss_weight=self.loss_weight)
+        return config

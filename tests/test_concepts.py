@@ -1,0 +1,78 @@
+"""The concept head (`keras_models/concepts.py`) in both captioners, on tiny configs."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from keras_models.concepts import ConceptHead
+from keras_models.registry import build_captioner
+from pipelines.text import build_vocabulary, make_tokenizer
+
+CAPTIONS = ["ct chest left lung small nodule", "mri brain right large mass", "xray knee normal study"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer(build_vocabulary(CAPTIONS * 30, 100))
+
+
+def test_word_loss_targets_are_the_caption_words():
+    head = ConceptHead(vocabulary_size=6, output_dim=4)
+    token_ids = np.array([[2, 5, 5, 3, 0, 0]])
+    mask = token_ids != 0
+    confident = np.full((1, 6), -20.0, "float32")
+    confident[0, [2, 3, 5]] = 20.0  # exactly the ids present, [PAD] (id 0) not a word
+    assert float(head.word_loss(confident, token_ids, mask)) < 1e-6
+    wrong = confident.copy()
+    wrong[0, 0] = 20.0  # predicting [PAD] costs about 20 nats
+    assert float(head.word_loss(wrong, token_ids, mask)) == pytest.approx(20.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", ["cnn_gru", "git"])
+def test_concept_loss_joins_the_training_loss_and_survives_saving(name, tokenizer, tmp_path):
+    keras.utils.set_random_seed(0)
+    kwargs = {"concept_loss_weight": 1.0}
+    model = build_captioner(name, "tiny", tokenizer, **kwargs)
+    assert model.backbone.concept_head is not None
+    size, channels = model.image_config["image_size"], model.image_config["channels"]
+    images = np.random.RandomState(0).uniform(-1, 1, (3, size, size, channels)).astype("float32")
+    x = model.preprocessor({"images": images, "captions": np.array(CAPTIONS)})[0]
+    logits = model(x, training=True)
+    assert len(model.losses) == 1 and float(model.losses[0]) > 1.0  # untrained: many nats
+    model(x, training=False)
+    assert len(model.losses) == 1  # evaluate() reports the same sum as fit()
+    model(x)
+    assert not model.losses  # scoring and captioning add none
+
+    history = model.fit(x={"images": images, "captions": np.array(CAPTIONS)}, batch_size=3, epochs=3, verbose=0)
+    assert history.history["loss"][-1] < history.history["loss"][0]
+
+    path = tmp_path / "model.keras"
+    model.save(path)
+    reloaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(ops.convert_to_numpy(reloaded(x)), ops.convert_to_numpy(model(x)), atol=1e-5)
+    assert reloaded.generate(images, max_length=8) == model.generate(images, max_length=8)
+    assert logits.shape[-1] == tokenizer.vocabulary_size()
+
+
+@pytest.mark.parametrize("name", ["cnn_gru", "git"])
+def test_concept_models_export_and_serve_the_same_captions(name, tokenizer, tmp_path):
+    import tensorflow as tf
+
+    from export.saved_model import export_model
+    from pipelines.images import preprocess_images
+    from tests.test_export import png
+
+    keras.utils.set_random_seed(1)
+    model = build_captioner(name, "tiny", tokenizer, sequence_length=10, concept_loss_weight=1.0)
+    path = export_model(model, tmp_path, name)
+    images = tf.constant([png(1), png(2), png(3)])
+    pixels = preprocess_images(images, model.image_config).numpy()
+    served = tf.saved_model.load(str(path))
+    assert [c.decode() for c in served.signatures["serving_default"](images=images)["captions"].numpy()] == \
+        model.generate(pixels)
+    assert [c.decode() for c in served.signatures["beam_search"](images=images)["captions"].numpy()] == \
+        model.generate(pixels, sampler="beam")

@@ -7,7 +7,7 @@ captions stay strings here and are tokenized by the model's own preprocessor
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf

@@ -1,6 +1,7 @@
 """Structured findings read back from a caption: modality, region, view, finding, laterality, size.
 
-`parse_findings` works on any caption, synthetic or real (ROCO), with word-boundary regexes.
+`parse_findings` works on any caption, synthetic or real (ROCO), with word-boundary regexes, and on
+generated ones, which the WordPiece tokenizer lowercases and spaces ("portable ap chest x - ray , ...").
 A field the caption does not mention is None. When no finding is named, "normal", "unremarkable",
 "no abnormality" or a negated finding ("no pneumothorax") give finding "none".
 """
@@ -25,7 +26,7 @@ MODALITY_PATTERNS = _table((
     ("mri", r"MRI|IRM|MR|MRA|MRCP|magnetic resonance|T[12]W?I?|T[12][- ]weighted|FLAIR|STIR|DWI"
             r"|diffusion[- ]weighted|susceptibility[- ]weighted"),
     ("ultrasound", r"ultrasound\w*|ultrasonogra\w*|sonogra\w*|echogra\w*|echocardiogra\w*|doppler|duplex"
-                   r"|(?-i:US)"),
+                   r"|(?-i:US)|us(?= (?:image|scan|view|examination))"),
     ("angiography", r"angiogra\w*|arteriogra\w*|venogra\w*|aortogra\w*|DSA"),
     ("pet", r"PET|positron emission"),
     ("nuclear", r"scintigra\w*|SPECT|bone scans?"),
@@ -41,9 +42,11 @@ REGION_PATTERNS = _table((
     ("spine", r"spine|spinal|vertebra\w*|lumbar|thoracic spine|cervical spine"),
     ("pelvis", r"pelvis|pelvic|hips?"),
 ))
+_PROJECTED = r"(?:view|projection|radiograph|plain|film|x-?ray|cxr|chest|thoracic|hand|erect|supine|image)"
 VIEW_PATTERNS = _table((
-    ("pa", r"(?-i:PA)|postero-?anterior"),
-    ("ap", r"(?-i:AP)|antero-?posterior"),
+    # Upper case alone (PA is also the pulmonary artery); lower case (generated) only as a projection.
+    ("pa", rf"(?-i:PA)|postero-?anterior|pa(?= {_PROJECTED})|(?<=portable )pa"),
+    ("ap", rf"(?-i:AP)|antero-?posterior|ap(?= {_PROJECTED})|(?<=portable )ap"),
     ("lateral", r"lateral (?:view|projection|radiograph|x-?ray)"),
     ("oblique", r"oblique"),
     ("axial", r"axial|transaxial"),
@@ -85,12 +88,13 @@ _PHRASE_START = re.compile(
 )
 _CLAUSE_END = re.compile(r"[.;:()]|\b(?:and|but|with|showing|while|whereas)\b", re.IGNORECASE)
 # Plane words read differently by modality: "transverse CT" is axial, "sagittal ultrasound" is longitudinal.
+_SPACED_HYPHEN = re.compile(r"(?<=\w) - (?=\w)")
 _VIEW_BY_MODALITY = {("ct", "transverse"): "axial", ("mri", "transverse"): "axial", ("ultrasound", "sagittal"): "longitudinal"}
 
 
 def parse_findings(caption: str) -> dict[str, str | None]:
     """The fields a caption mentions (see FIELDS); absent ones are None."""
-    text = str(caption)
+    text = _SPACED_HYPHEN.sub("-", str(caption))  # detokenized "x - ray" -> "x-ray"
     modality = _earliest(text, MODALITY_PATTERNS)
     view = _earliest(text, VIEW_PATTERNS)
     finding_match = _finding(text)

@@ -91,6 +91,16 @@ def test_views_read_by_modality():
     assert parse_findings("Anteroposterior chest radiograph")["view"] == "ap"
 
 
+def test_lower_case_projection_is_read_only_as_a_projection():
+    """Generated captions are lower case: "pa view" is a view; "pa" alone (pulmonary artery) is not."""
+    assert parse_findings("chest plain film , pa view : a large rounded right lung nodule .")["view"] == "pa"
+    assert parse_findings("normal pa chest plain film .")["view"] == "pa"
+    assert parse_findings("portable ap chest x - ray : no acute abnormality .")["view"] == "ap"
+    assert parse_findings("portable ap chest x - ray : no acute abnormality .")["modality"] == "x-ray"
+    assert parse_findings("the pa is dilated on this ct .")["view"] is None
+    assert parse_findings("us image of the thyroid .")["modality"] == "ultrasound"
+
+
 def test_laterality_attaches_to_the_finding():
     assert parse_findings("Axial CT of the abdomen showing a large cyst in the left kidney (arrow).")["laterality"] \
         == "left"

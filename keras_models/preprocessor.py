@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import keras
 import keras_hub
+import numpy as np
 from keras_hub.src.utils.tensor_utils import preprocessing_function
 
 # How images must be prepared for a model; read by `pipelines.images.preprocess_image`.
@@ -17,11 +20,53 @@ DEFAULT_IMAGE_CONFIG = {
 }
 
 
+# Detokenized WordPiece spaces out punctuation ("portable ap chest x - ray , pa view : 3 . 5 cm ( arrow ) .");
+# these rewrites (RE2 and Python `re` alike) write it back as text: "x-ray, pa view: 3.5 cm (arrow)."
+_TIDY = (
+    (r"(\d) \. (\d)", r"\1.\2"),
+    (r" ([-/]) ", r"\1"),
+    (r" ([.,:;!?)\]])", r"\1"),
+    (r"([(\[]) ", r"\1"),
+)
+
+
+@keras.saving.register_keras_serializable(package="medcap")
+class CaptionTokenizer(keras_hub.models.BertTokenizer):
+    """keras-hub's BERT WordPiece tokenizer whose `detokenize` gives readable text (see `_TIDY`).
+
+    Token ids are exactly BertTokenizer's; only the spacing of the detokenized text differs, in the
+    graph (`tf.strings.regex_replace`, a standard op that TF Serving runs) and in Python alike.
+    """
+
+    def detokenize(self, inputs):
+        return _tidy(super().detokenize(inputs))
+
+
+def _tidy(text):
+    """`_TIDY` applied to a str or bytes, a list or array of them, or a string tensor (in the graph too)."""
+    if isinstance(text, str):
+        for pattern, rewrite in _TIDY:
+            text = re.sub(pattern, rewrite, text)
+        return text
+    if isinstance(text, bytes):
+        return _tidy(text.decode("utf-8")).encode("utf-8")
+    if isinstance(text, list):
+        return [_tidy(t) for t in text]
+    if isinstance(text, np.ndarray):
+        return np.array([_tidy(t) for t in text.ravel()], dtype=text.dtype if text.dtype == object else None
+                        ).reshape(text.shape)
+    import tensorflow as tf  # a string tensor: keras-hub tokenizers run on TensorFlow whatever the backend
+
+    for pattern, rewrite in _TIDY:
+        text = tf.strings.regex_replace(text, pattern, rewrite)
+    return text
+
+
 @keras.saving.register_keras_serializable(package="medcap")
 class CaptionPreprocessor(keras_hub.models.CausalLMPreprocessor):
     """Turns `{"images", "captions"}` into teacher-forcing batches and ids back into text.
 
-    The tokenizer is a `keras_hub.models.BertTokenizer` (BERT-uncased special
+    The tokenizer is a `CaptionTokenizer`, keras-hub's BERT WordPiece (BERT-uncased special
     tokens: [PAD], [UNK], [CLS] starts a caption, [SEP] ends it), so a BERT
     vocabulary from a Hugging Face GIT checkpoint stands in for our own.
     `image_config` says how `pipelines.images.preprocess_image` prepares pixels

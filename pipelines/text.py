@@ -9,6 +9,8 @@ from typing import Iterable
 
 import keras_hub
 
+from keras_models.preprocessor import CaptionTokenizer
+
 # BERT-uncased special tokens, so a BERT vocabulary (e.g. microsoft/git-base's) can stand in.
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]
@@ -38,14 +40,14 @@ def build_vocabulary(captions: Iterable[str], vocabulary_size: int = 4000) -> li
     return [t for t in vocab if t in SPECIAL_TOKENS or (t.removeprefix("##") and not any(c.isspace() for c in t))]
 
 
-def make_tokenizer(vocabulary: list[str] | str | Path) -> keras_hub.models.BertTokenizer:
-    """The one tokenizer: keras-hub's BERT WordPiece (lowercase) over `vocabulary`."""
+def make_tokenizer(vocabulary: list[str] | str | Path) -> CaptionTokenizer:
+    """The one tokenizer: keras-hub's BERT WordPiece (lowercase) over `vocabulary`, detokenizing to tidy text."""
     if isinstance(vocabulary, (str, Path)):
         vocabulary = load_vocabulary(vocabulary)
     missing = [t for t in SPECIAL_TOKENS if t not in vocabulary]
     if missing:
         raise ValueError(f"Vocabulary lacks the special tokens {missing}.")
-    return keras_hub.models.BertTokenizer(vocabulary=list(vocabulary), lowercase=True)
+    return CaptionTokenizer(vocabulary=list(vocabulary), lowercase=True)
 
 
 def save_vocabulary(vocabulary: list[str], path: str | Path) -> Path:

@@ -13,13 +13,12 @@ import argparse
 import json
 from pathlib import Path
 
-import keras_hub
 import numpy as np
 
 from keras_models.git.git_backbone import GitBackbone
 from keras_models.git.git_causal_lm import GitCaptioner
 from keras_models.git.git_presets import CLIP_IMAGE_CONFIG, PRESETS
-from keras_models.preprocessor import CaptionPreprocessor
+from keras_models.preprocessor import CaptionPreprocessor, CaptionTokenizer
 
 # transformers' GitConfig / GitVisionConfig defaults, for keys a config.json leaves out.
 TEXT_DEFAULTS = dict(
@@ -209,7 +208,7 @@ def convert_checkpoint(path: str | Path, vocab: str | Path | None = None, sequen
     vocab = Path(vocab) if vocab else folder / "vocab.txt"
     if not vocab.is_file():
         raise FileNotFoundError(f"No vocabulary at {vocab}; pass --vocab.")
-    tokenizer = keras_hub.models.BertTokenizer(vocabulary=str(vocab), lowercase=True)
+    tokenizer = CaptionTokenizer(vocabulary=str(vocab), lowercase=True)
     _check_tokenizer(tokenizer, {**TEXT_DEFAULTS, **config})
     sequence_length = sequence_length or min(PRESETS["base"]["sequence_length"], kwargs["max_sequence_length"])
     image_config = {**CLIP_IMAGE_CONFIG, "image_size": kwargs["image_size"], "channels": kwargs["num_channels"]}

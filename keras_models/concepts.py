@@ -7,6 +7,11 @@ target straight from pooled image features (as in "semantic attention", You et a
 classifier of Jing et al. 2018) gives the encoder a dense signal per finding, and feeding the predicted
 probabilities to the decoder gives it a short path to them. The targets come from the caption's own
 token ids, so it works on any dataset without extra labels.
+
+With `gate_dim`, the head also adds a gated word bias to the decoder's next-token logits: a gate read from
+the decoder's output at each step (sigmoid, one per word) times log sigmoid(word logits), a product of experts
+that the decoder opens where a word is due. The concept vector alone tells the decoder which words are likely;
+through one tanh layer it rarely turns that into the right side or size word at the right step.
 """
 
 from __future__ import annotations
@@ -23,17 +28,27 @@ class ConceptHead(keras.layers.Layer):
     in `fit()` or `evaluate()` (which pass `training`), it adds `loss_weight` x (binary cross-entropy
     summed over the vocabulary, averaged over the batch; target: the word occurs in the caption) via
     `add_loss`, so `loss` and `val_loss` measure the same sum. Captioning passes no captions: no loss.
+    `gate_dim` (the width of the decoder output that `word_bias` reads) enables the gated word bias.
     """
 
-    def __init__(self, vocabulary_size: int, output_dim: int, loss_weight: float = 1.0, **kwargs):
+    def __init__(self, vocabulary_size: int, output_dim: int, loss_weight: float = 1.0, gate_dim: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.vocabulary_size, self.output_dim, self.loss_weight = vocabulary_size, output_dim, loss_weight
+        self.gate_dim = gate_dim
         self.word_logits = layers.Dense(vocabulary_size, name="word_logits", dtype=self.dtype_policy)
         self.embed = layers.Dense(output_dim, activation="tanh", name="embed", dtype=self.dtype_policy)
+        # Starts nearly closed (sigmoid(-2) = 0.12): the decoder first learns the language on its own.
+        self.gate = (
+            layers.Dense(vocabulary_size, bias_initializer=keras.initializers.Constant(-2.0), name="gate",
+                         dtype=self.dtype_policy)
+            if gate_dim else None
+        )
 
     def build(self, features_shape, token_ids_shape=None, padding_mask_shape=None):
         self.word_logits.build((None, 2 * features_shape[-1]))
         self.embed.build((None, self.vocabulary_size))
+        if self.gate is not None:
+            self.gate.build((None, None, self.gate_dim))
         self.built = True
 
     def logits(self, features):
@@ -41,11 +56,18 @@ class ConceptHead(keras.layers.Layer):
         pooled = ops.concatenate([ops.mean(features, axis=1), ops.max(features, axis=1)], axis=-1)
         return self.word_logits(pooled)
 
-    def call(self, features, token_ids=None, padding_mask=None, training=None):
+    def call(self, features, token_ids=None, padding_mask=None, training=None, return_logits=False):
+        """The concept vector `[B, output_dim]`; with `return_logits`, also the word logits `[B, vocabulary_size]`."""
         logits = self.logits(features)
         if training is not None and token_ids is not None and self.loss_weight:
             self.add_loss(self.loss_weight * self.word_loss(logits, token_ids, padding_mask))
-        return self.embed(ops.sigmoid(logits))
+        concepts = self.embed(ops.sigmoid(logits))
+        return (concepts, logits) if return_logits else concepts
+
+    def word_bias(self, decoder_outputs, logits):
+        """`[B, T, vocabulary_size]` to add to next-token logits: gate(decoder_outputs) x log sigmoid(logits)."""
+        gate = ops.sigmoid(self.gate(decoder_outputs))
+        return gate * ops.expand_dims(ops.cast(ops.log_sigmoid(logits), gate.dtype), 1)
 
     def word_loss(self, logits, token_ids, padding_mask=None):
         """Sum over the vocabulary of BCE(logits, words present in the caption), averaged over the batch."""
@@ -59,10 +81,8 @@ class ConceptHead(keras.layers.Layer):
         bce = ops.binary_crossentropy(target, logits, from_logits=True)
         return ops.mean(ops.sum(bce, axis=-1))
 
-    def compute_output_shape(self, features_shape, token_ids_shape=None, padding_mask_shape=None):
-        return (features_shape[0], self.output_dim)
-
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(vocabulary_size=self.vocabulary_size, output_dim=self.output_dim, loss_weight=self.loss_weight)
+        config.update(vocabulary_size=self.vocabulary_size, output_dim=self.output_dim, loss_weight=self.loss_weight,
+                      gate_dim=self.gate_dim)
         return config

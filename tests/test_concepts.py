@@ -12,6 +12,9 @@ from keras_models.registry import build_captioner
 from pipelines.text import build_vocabulary, make_tokenizer
 
 CAPTIONS = ["ct chest left lung small nodule", "mri brain right large mass", "xray knee normal study"]
+# (model, extra backbone kwargs): the concept vector alone, and with the gated word bias as well
+CONFIGS = [("cnn_gru", {}), ("cnn_gru", {"concept_word_bias": True}), ("git", {}), ("git", {"concept_word_bias": True})]
+IDS = ["cnn_gru", "cnn_gru-word-bias", "git", "git-word-bias"]
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +34,21 @@ def test_word_loss_targets_are_the_caption_words():
     assert float(head.word_loss(wrong, token_ids, mask)) == pytest.approx(20.0, abs=1e-3)
 
 
-@pytest.mark.parametrize("name", ["cnn_gru", "git"])
-def test_concept_loss_joins_the_training_loss_and_survives_saving(name, tokenizer, tmp_path):
+def test_word_bias_is_the_gated_log_probability_of_each_word():
+    head = ConceptHead(vocabulary_size=4, output_dim=2, gate_dim=3)
+    head.build((None, 5, 6))
+    head.gate.set_weights([np.zeros((3, 4), "float32"), np.array([30.0, 30.0, -30.0, -30.0], "float32")])
+    logits = np.array([[5.0, -5.0, 5.0, -5.0]], "float32")
+    bias = ops.convert_to_numpy(head.word_bias(np.zeros((1, 2, 3), "float32"), logits))
+    assert bias.shape == (1, 2, 4)  # one row per decoder step
+    expected = [np.log(1 / (1 + np.exp(-5.0))), np.log(1 / (1 + np.exp(5.0))), 0.0, 0.0]  # open, open, shut, shut
+    np.testing.assert_allclose(bias[0], [expected, expected], atol=1e-5)
+
+
+@pytest.mark.parametrize("name,extra", CONFIGS, ids=IDS)
+def test_concept_loss_joins_the_training_loss_and_survives_saving(name, extra, tokenizer, tmp_path):
     keras.utils.set_random_seed(0)
-    kwargs = {"concept_loss_weight": 1.0}
+    kwargs = {"concept_loss_weight": 1.0, **extra}
     model = build_captioner(name, "tiny", tokenizer, **kwargs)
     assert model.backbone.concept_head is not None
     size, channels = model.image_config["image_size"], model.image_config["channels"]
@@ -58,8 +72,8 @@ def test_concept_loss_joins_the_training_loss_and_survives_saving(name, tokenize
     assert logits.shape[-1] == tokenizer.vocabulary_size()
 
 
-@pytest.mark.parametrize("name", ["cnn_gru", "git"])
-def test_concept_models_export_and_serve_the_same_captions(name, tokenizer, tmp_path):
+@pytest.mark.parametrize("name,extra", CONFIGS, ids=IDS)
+def test_concept_models_export_and_serve_the_same_captions(name, extra, tokenizer, tmp_path):
     import tensorflow as tf
 
     from export.saved_model import export_model
@@ -67,7 +81,7 @@ def test_concept_models_export_and_serve_the_same_captions(name, tokenizer, tmp_
     from tests.test_export import png
 
     keras.utils.set_random_seed(1)
-    model = build_captioner(name, "tiny", tokenizer, sequence_length=10, concept_loss_weight=1.0)
+    model = build_captioner(name, "tiny", tokenizer, sequence_length=10, concept_loss_weight=1.0, **extra)
     path = export_model(model, tmp_path, name)
     images = tf.constant([png(1), png(2), png(3)])
     pixels = preprocess_images(images, model.image_config).numpy()
@@ -85,16 +99,16 @@ from pipelines.text import build_vocabulary, make_tokenizer
 captions = np.array(%r)
 tokenizer = make_tokenizer(build_vocabulary(list(captions) * 30, 100))
 out = {"backend": keras.config.backend()}
-for name in ("cnn_gru", "git"):
+for name, extra in %r:
     keras.utils.set_random_seed(0)
-    model = build_captioner(name, "tiny", tokenizer, concept_loss_weight=1.0)
+    model = build_captioner(name, "tiny", tokenizer, concept_loss_weight=1.0, **extra)
     size, channels = model.image_config["image_size"], model.image_config["channels"]
     images = np.random.RandomState(0).uniform(-1, 1, (3, size, size, channels)).astype("float32")
     history = model.fit(x={"images": images, "captions": captions}, batch_size=3, epochs=3, verbose=0)
-    out[name] = {"loss": history.history["loss"], "greedy": model.generate(images, max_length=8),
+    out[name + "-word-bias" * bool(extra)] = {"loss": history.history["loss"], "greedy": model.generate(images, max_length=8),
                  "beam": model.generate(images, max_length=8, sampler="beam", num_beams=2)}
 print(json.dumps(out))
-""" % (CAPTIONS,)
+""" % (CAPTIONS, CONFIGS)
 
 
 def test_concept_head_trains_and_generates_on_torch():
@@ -112,7 +126,7 @@ def test_concept_head_trains_and_generates_on_torch():
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["backend"] == "torch"
-    for name in ("cnn_gru", "git"):
+    for name in IDS:
         loss = result[name]["loss"]
         assert loss[0] > 10 and loss[-1] < loss[0]  # the concept term (many nats untrained) is in the loss
         assert len(result[name]["greedy"]) == len(result[name]["beam"]) == 3

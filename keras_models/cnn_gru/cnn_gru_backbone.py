@@ -18,7 +18,9 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
     (an untied `ReversibleEmbedding`: `token_embedding(x, reverse=True)` gives logits) and
     `decoder` (attention GRU). `encoder_weights` (a local file) is read when the backbone
     is first built; `get_config` drops it because the trained weights are saved with the model.
-    `concept_loss_weight` > 0 adds a `concept_head` (`keras_models.concepts`) that the decoder reads.
+    `concept_loss_weight` > 0 adds a `concept_head` (`keras_models.concepts`) that the decoder reads;
+    `concept_word_bias` also adds its gated word bias to the next-token logits (`next_token_logits`).
+    Outputs `{"sequence_output": [B, T, embedding_dim]}`, plus `"concept_logits"` `[B, vocab]` with a concept head.
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         attention_dim: int = 256,
         dropout: float = 0.1,
         concept_loss_weight: float = 0.0,
+        concept_word_bias: bool = False,
         dtype=None,
         **kwargs,
     ):
@@ -55,7 +58,8 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
             vocabulary_size, embedding_dim, tie_weights=False, name="token_embedding", dtype=dtype
         )
         self.concept_head = (
-            ConceptHead(vocabulary_size, embedding_dim, concept_loss_weight, name="concept_head", dtype=dtype)
+            ConceptHead(vocabulary_size, embedding_dim, concept_loss_weight,
+                        gate_dim=embedding_dim if concept_word_bias else 0, name="concept_head", dtype=dtype)
             if concept_loss_weight else None
         )
         self.decoder = AttentionGRUDecoder(hidden_dim, attention_dim, embedding_dim, dropout,
@@ -67,11 +71,13 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         token_ids = keras.Input((None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input((None,), dtype="bool", name="padding_mask")
         features = self.image_encoder(images)
-        concepts = self.concept_head(features, token_ids, padding_mask) if self.concept_head else None
+        concepts, concept_logits = (
+            self.concept_head(features, token_ids, padding_mask, return_logits=True) if self.concept_head else (None, None)
+        )
         outputs, _, _ = self.decoder(self.token_embedding(token_ids), features, padding_mask, concepts)
         super().__init__(
             inputs={"images": images, "token_ids": token_ids, "padding_mask": padding_mask},
-            outputs=outputs,
+            outputs={"sequence_output": outputs, **({"concept_logits": concept_logits} if self.concept_head else {})},
             dtype=dtype,
             **kwargs,
         )
@@ -82,11 +88,18 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         self.train_encoder = train_encoder
         self.feature_dim, self.embedding_dim = feature_dim, embedding_dim
         self.hidden_dim, self.attention_dim, self.dropout = hidden_dim, attention_dim, dropout
-        self.concept_loss_weight = concept_loss_weight
+        self.concept_loss_weight, self.concept_word_bias = concept_loss_weight, concept_word_bias
 
     def concepts(self, features):
-        """The concept vector for image features (None without a concept head)."""
-        return self.concept_head(features) if self.concept_head else None
+        """(concept vector, word logits) for image features; (None, None) without a concept head."""
+        return self.concept_head(features, return_logits=True) if self.concept_head else (None, None)
+
+    def next_token_logits(self, sequence_output, concept_logits=None):
+        """Logits `[B, T, vocab]` from decoder outputs, with the concept head's gated word bias if it has one."""
+        logits = self.token_embedding(sequence_output, reverse=True)
+        if self.concept_word_bias and self.concept_head is not None:
+            logits = logits + self.concept_head.word_bias(sequence_output, concept_logits)
+        return logits
 
     @property
     def feature_grid(self) -> tuple[int, int]:
@@ -109,5 +122,6 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
             attention_dim=self.attention_dim,
             dropout=self.dropout,
             concept_loss_weight=self.concept_loss_weight,
+            concept_word_bias=self.concept_word_bias,
         )
         return config

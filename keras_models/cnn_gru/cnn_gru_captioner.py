@@ -31,32 +31,33 @@ class CNNGRUCaptioner(ImageCaptioner):
 
         # === Functional model ===
         inputs = backbone.input
-        logits = backbone.token_embedding(backbone(inputs), reverse=True)
+        outputs = backbone(inputs)
+        logits = backbone.next_token_logits(outputs["sequence_output"], outputs.get("concept_logits"))
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
 
     def _build_cache(self, images, token_ids, padding_mask):
         """Encode the images once and run the prompt: (hidden states [B,T,H], cache)."""
         features = self.backbone.image_encoder(images)
-        concepts = self.backbone.concepts(features)
+        concepts, concept_logits = self.backbone.concepts(features)
         keys, state = self.backbone.decoder.start(features, concepts)
         embeddings = self.backbone.token_embedding(token_ids)
         _, hidden_states, _ = self.backbone.decoder.run(embeddings, features, keys, state, padding_mask, concepts)
         states = ops.concatenate([ops.expand_dims(state, 1), hidden_states], axis=1)
-        return hidden_states, (features, keys, states) + (() if concepts is None else (concepts,))
+        return hidden_states, (features, keys, states) + (() if concepts is None else (concepts, concept_logits))
 
     def call_with_cache(self, token_ids, cache, cache_update_index):
         """One step for `token_ids` [B, 1] at text position `cache_update_index`: (logits, hidden, cache)."""
-        features, keys, states, *concepts = cache
-        concepts = concepts[0] if concepts else None
+        features, keys, states, *concept_cache = cache
+        concepts, concept_logits = concept_cache or (None, None)
         batch_size = ops.shape(states)[0]
         state = ops.slice(states, [0, cache_update_index, 0], [batch_size, 1, self.backbone.hidden_dim])
         embeddings = self.backbone.token_embedding(token_ids)
         state, context, _ = self.backbone.decoder.step(embeddings[:, 0], state[:, 0], features, keys)
         hidden, context = ops.expand_dims(state, 1), ops.expand_dims(context, 1)
         outputs = self.backbone.decoder.project(hidden, context, embeddings, concepts)
-        logits = self.backbone.token_embedding(outputs, reverse=True)
+        logits = self.backbone.next_token_logits(outputs, concept_logits)
         states = ops.slice_update(states, [0, cache_update_index + 1, 0], hidden)
-        return logits, hidden, (features, keys, states) + (() if concepts is None else (concepts,))
+        return logits, hidden, (features, keys, states) + (() if concepts is None else (concepts, concept_logits))
 
     def attention_maps(self, images, token_ids, padding_mask=None):
         """Teacher-forced attention weights [B, T, h*w] (each row sums to 1); reshape with `backbone.feature_grid`."""
@@ -65,5 +66,5 @@ class CNNGRUCaptioner(ImageCaptioner):
             padding_mask = ops.not_equal(token_ids, 0)  # [PAD] is id 0
         features = self.backbone.image_encoder(ops.convert_to_tensor(images, dtype="float32"))
         embeddings = self.backbone.token_embedding(token_ids)
-        _, _, weights = self.backbone.decoder(embeddings, features, padding_mask, self.backbone.concepts(features))
+        _, _, weights = self.backbone.decoder(embeddings, features, padding_mask, self.backbone.concepts(features)[0])
         return weights

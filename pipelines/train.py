@@ -40,6 +40,7 @@ class TrainConfig:
     batch_size: int | None = None
     learning_rate: float | None = None
     time_budget_minutes: float | None = None
+    augment: bool | None = None
     vocabulary_size: int = 2000
     sequence_length: int | None = None
     max_train_examples: int | None = None
@@ -72,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     p.add_argument("--time-budget", type=float, dest="time_budget_minutes",
                    help="stop a model's training after the epoch that would overrun this many minutes "
                         "(default: the preset's CPU budget; 0 = no limit)")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="random rotation, zoom and contrast on training images, never a flip (default: the "
+                        "preset's; off for the short small-preset runs, where it slowed learning)")
     p.add_argument("--vocab-size", type=int, default=2000, dest="vocabulary_size",
                    help="WordPiece vocabulary size learned from the training captions")
     p.add_argument("--sequence-length", type=int, help="maximum caption length in tokens (default: the preset's)")

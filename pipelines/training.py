@@ -55,8 +55,8 @@ class TimeBudget(keras.callbacks.Callback):
         self.epoch_start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.seconds:
-            return
+        if not self.seconds or epoch + 1 >= (self.params or {}).get("epochs", float("inf")):
+            return  # no budget, or the run ends here anyway: nothing was cut short
         now = time.perf_counter()
         elapsed, last_epoch = now - self.start, now - self.epoch_start
         if elapsed + last_epoch > self.seconds:
@@ -122,6 +122,7 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     batch_size = cfg.batch_size or train_cfg.get("batch_size", 32)
     learning_rate = cfg.learning_rate or train_cfg.get("learning_rate", 1e-3)
     budget = cfg.time_budget_minutes if cfg.time_budget_minutes is not None else train_cfg.get("time_budget_minutes")
+    augment = cfg.augment if cfg.augment is not None else train_cfg.get("augment", True)
 
     set_seed(cfg.seed)
     # the custom loop runs whole global batches from an endless stream; fit() runs one pass per epoch
@@ -135,7 +136,7 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
         model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
     print(f"\n[{name}] preset {cfg.preset}: {model.count_params():,} parameters; "
           f"{epochs} epochs max x {steps} steps of {batch_size}; lr {learning_rate:g}; "
-          f"time budget {budget or 'none'} min; {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")
+          f"time budget {budget or 'none'} min; augmentation {'on' if augment else 'off'}; {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")
     budget_cb = TimeBudget(budget)
     backup = keras.callbacks.BackupAndRestore if chief else functools.partial(ResumeFromChief, str(model_dir / "backup"))
     callbacks = [
@@ -152,12 +153,12 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
         def data(split: str, training: bool):
             return lambda ctx: make_dataset(splits[split], model.image_config, ctx.get_per_replica_batch_size(batch_size),
                                             training=training, seed=cfg.seed, repeat=training, input_context=ctx,
-                                            epoch=data_epoch)
+                                            epoch=data_epoch, augment=augment)
 
         history = fit_custom(model, strategy, data("train", True), data("valid", False), epochs, steps, callbacks)
     else:
         train_ds = make_dataset(splits["train"], model.image_config, batch_size, training=True, seed=cfg.seed,
-                                epoch=data_epoch)
+                                epoch=data_epoch, augment=augment)
         valid_ds = make_dataset(splits["valid"], model.image_config, batch_size, training=False)
         history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - start

@@ -6,7 +6,6 @@ import re
 
 import keras
 import keras_hub
-import numpy as np
 from keras_hub.src.utils.tensor_utils import preprocessing_function
 
 # How images must be prepared for a model; read by `pipelines.images.preprocess_image`.
@@ -43,18 +42,13 @@ class CaptionTokenizer(keras_hub.models.BertTokenizer):
 
 
 def _tidy(text):
-    """`_TIDY` applied to a str or bytes, a list or array of them, or a string tensor (in the graph too)."""
+    """`_TIDY` applied to what keras-hub's `detokenize` returns: a str, a list of them, or a string tensor (graph)."""
+    if isinstance(text, list):
+        return [_tidy(t) for t in text]
     if isinstance(text, str):
         for pattern, rewrite in _TIDY:
             text = re.sub(pattern, rewrite, text)
         return text
-    if isinstance(text, bytes):
-        return _tidy(text.decode("utf-8")).encode("utf-8")
-    if isinstance(text, list):
-        return [_tidy(t) for t in text]
-    if isinstance(text, np.ndarray):
-        return np.array([_tidy(t) for t in text.ravel()], dtype=text.dtype if text.dtype == object else None
-                        ).reshape(text.shape)
     import tensorflow as tf  # a string tensor: keras-hub tokenizers run on TensorFlow whatever the backend
 
     for pattern, rewrite in _TIDY:

@@ -87,14 +87,14 @@ _PHRASE_START = re.compile(
     r"[.;:,()]|\b(?:showing|shows?|with|and|of|in|on|at|is|are|there|note|demonstrat\w*|reveal\w*)\b", re.IGNORECASE
 )
 _CLAUSE_END = re.compile(r"[.;:()]|\b(?:and|but|with|showing|while|whereas)\b", re.IGNORECASE)
+_SPACED_HYPHEN = re.compile(r"(?<=\w) - (?=\w)")  # detokenized "x - ray"
 # Plane words read differently by modality: "transverse CT" is axial, "sagittal ultrasound" is longitudinal.
-_SPACED_HYPHEN = re.compile(r"(?<=\w) - (?=\w)")
 _VIEW_BY_MODALITY = {("ct", "transverse"): "axial", ("mri", "transverse"): "axial", ("ultrasound", "sagittal"): "longitudinal"}
 
 
 def parse_findings(caption: str) -> dict[str, str | None]:
     """The fields a caption mentions (see FIELDS); absent ones are None."""
-    text = _SPACED_HYPHEN.sub("-", str(caption))  # detokenized "x - ray" -> "x-ray"
+    text = _SPACED_HYPHEN.sub("-", str(caption))
     modality = _earliest(text, MODALITY_PATTERNS)
     view = _earliest(text, VIEW_PATTERNS)
     finding_match = _finding(text)

@@ -42,6 +42,8 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         dtype=None,
         **kwargs,
     ):
+        if concept_word_bias and not concept_loss_weight:
+            raise ValueError("concept_word_bias needs a concept head: set concept_loss_weight > 0.")
         # === Layers ===
         self.image_encoder = ImageEncoder(
             encoder=encoder,
@@ -97,7 +99,7 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
     def next_token_logits(self, sequence_output, concept_logits=None):
         """Logits `[B, T, vocab]` from decoder outputs, with the concept head's gated word bias if it has one."""
         logits = self.token_embedding(sequence_output, reverse=True)
-        if self.concept_word_bias and self.concept_head is not None:
+        if self.concept_word_bias:
             logits = logits + self.concept_head.word_bias(sequence_output, concept_logits)
         return logits
 

@@ -46,8 +46,7 @@ class GitBackbone(keras_hub.models.Backbone):
     ViT tokens -> Linear + LayerNorm projection; text -> word + learned position
     embeddings (text positions only) + LayerNorm; [image; text] -> BERT post-LN
     decoder layers under `GitAttentionMask`. Inputs `{"images", "token_ids",
-    "padding_mask"}`; outputs `{"sequence_output"}`: hidden states of the text positions
-    `[B, T, hidden_dim]`, plus `"concept_logits"` `[B, vocab]` with a concept head.
+    "padding_mask"}`; output: hidden states of the text positions `[B, T, hidden_dim]`.
 
     `vision_*` arguments size the ViT (Hugging Face's `vision_config`), the
     others the text decoder; activations take Hugging Face names
@@ -57,7 +56,6 @@ class GitBackbone(keras_hub.models.Backbone):
     for training from scratch (see `conv_stem`); checkpoints use "patch".
     `concept_loss_weight` > 0 appends one image token from a `ConceptHead` (`keras_models.concepts`),
     trained to predict the caption's words; checkpoints have none, so imported models match GIT exactly.
-    `concept_word_bias` also adds the head's gated word bias to the next-token logits (`GitCaptioner`).
     """
 
     def __init__(
@@ -82,7 +80,6 @@ class GitBackbone(keras_hub.models.Backbone):
         dropout: float = 0.1,
         vision_stem: str = "patch",
         concept_loss_weight: float = 0.0,
-        concept_word_bias: bool = False,
         dtype=None,
         **kwargs,
     ):
@@ -117,8 +114,7 @@ class GitBackbone(keras_hub.models.Backbone):
         )
         self.text_embedding_dropout = keras.layers.Dropout(dropout, dtype=dtype, name="text_embedding_dropout")
         self.concept_head = (
-            ConceptHead(vocabulary_size, hidden_dim, concept_loss_weight, gate_dim=hidden_dim if concept_word_bias else 0,
-                        dtype=dtype, name="concept_head")
+            ConceptHead(vocabulary_size, hidden_dim, concept_loss_weight, dtype=dtype, name="concept_head")
             if concept_loss_weight else None
         )
         self.num_image_tokens = self.vision_encoder.num_tokens + (1 if self.concept_head else 0)
@@ -141,14 +137,11 @@ class GitBackbone(keras_hub.models.Backbone):
         images = keras.Input((image_size, image_size, num_channels), name="images")
         token_ids = keras.Input((None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
-        image_tokens, concept_logits = self.encode_images(images, token_ids, padding_mask, return_concept_logits=True)
-        x = ops.concatenate([image_tokens, self.embed_text(token_ids)], axis=1)
+        x = ops.concatenate([self.encode_images(images, token_ids, padding_mask), self.embed_text(token_ids)], axis=1)
         mask = self.attention_mask(padding_mask)
         for layer in self.transformer_layers:
             x = layer(x, decoder_attention_mask=mask, use_causal_mask=False)
-        outputs = {"sequence_output": x[:, self.num_image_tokens :, :]}
-        if self.concept_head is not None:
-            outputs["concept_logits"] = concept_logits
+        outputs = x[:, self.num_image_tokens :, :]
         super().__init__(
             inputs={"images": images, "token_ids": token_ids, "padding_mask": padding_mask},
             outputs=outputs,
@@ -176,20 +169,18 @@ class GitBackbone(keras_hub.models.Backbone):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.dropout = dropout
         self.vision_stem = vision_stem
-        self.concept_loss_weight, self.concept_word_bias = concept_loss_weight, concept_word_bias
+        self.concept_loss_weight = concept_loss_weight
 
-    def encode_images(self, images, token_ids=None, padding_mask=None, return_concept_logits=False):
+    def encode_images(self, images, token_ids=None, padding_mask=None):
         """Images `[B, H, W, C]` -> projected image tokens `[B, N, hidden_dim]` (the concept token last).
 
         `token_ids` and `padding_mask` are the captions the concept head learns from in training.
-        With `return_concept_logits`: (tokens, the concept head's word logits `[B, vocab]` or None).
         """
         tokens = self.image_projection_norm(self.image_projection(self.vision_encoder(images)))
-        concept_logits = None
-        if self.concept_head is not None:
-            concepts, concept_logits = self.concept_head(tokens, token_ids, padding_mask, return_logits=True)
-            tokens = ops.concatenate([tokens, ops.expand_dims(concepts, 1)], axis=1)
-        return (tokens, concept_logits) if return_concept_logits else tokens
+        if self.concept_head is None:
+            return tokens
+        concepts = self.concept_head(tokens, token_ids, padding_mask)
+        return ops.concatenate([tokens, ops.expand_dims(concepts, 1)], axis=1)
 
     def embed_text(self, token_ids, start_index=0):
         """Token ids `[B, T]` at text positions `start_index...` -> normalised embeddings `[B, T, hidden_dim]`."""
@@ -220,6 +211,5 @@ class GitBackbone(keras_hub.models.Backbone):
             dropout=self.dropout,
             vision_stem=self.vision_stem,
             concept_loss_weight=self.concept_loss_weight,
-            concept_word_bias=self.concept_word_bias,
         )
         return config

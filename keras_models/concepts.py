@@ -12,6 +12,10 @@ With `gate_dim`, the head also adds a gated word bias to the decoder's next-toke
 the decoder's output at each step (sigmoid, one per word) times log sigmoid(word logits), a product of experts
 that the decoder opens where a word is due. The concept vector alone tells the decoder which words are likely;
 through one tanh layer it rarely turns that into the right side or size word at the right step.
+
+With `grid`, the word logits also read the maximum over each quadrant of the feature map (a two-level
+spatial pyramid, He et al. 2014): global mean and max forget where a lesion is and how much of the map
+it covers, which is what side and size words need.
 """
 
 from __future__ import annotations
@@ -29,12 +33,18 @@ class ConceptHead(keras.layers.Layer):
     summed over the vocabulary, averaged over the batch; target: the word occurs in the caption) via
     `add_loss`, so `loss` and `val_loss` measure the same sum. Captioning passes no captions: no loss.
     `gate_dim` (the width of the decoder output that `word_bias` reads) enables the gated word bias.
+    `grid` `(h, w)` says that the last h*w of the N features form a row-major h x w map (rows before it,
+    such as a class token, only join the global pooling); the logits then also read each quadrant's max.
     """
 
-    def __init__(self, vocabulary_size: int, output_dim: int, loss_weight: float = 1.0, gate_dim: int = 0, **kwargs):
+    def __init__(self, vocabulary_size: int, output_dim: int, loss_weight: float = 1.0, gate_dim: int = 0,
+                 grid: tuple[int, int] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.vocabulary_size, self.output_dim, self.loss_weight = vocabulary_size, output_dim, loss_weight
         self.gate_dim = gate_dim
+        self.grid = tuple(grid) if grid else None
+        if self.grid and min(self.grid) < 2:
+            raise ValueError(f"Quadrant pooling needs a feature map of at least 2 x 2, got {self.grid}.")
         self.word_logits = layers.Dense(vocabulary_size, name="word_logits", dtype=self.dtype_policy)
         self.embed = layers.Dense(output_dim, activation="tanh", name="embed", dtype=self.dtype_policy)
         # Starts nearly closed (sigmoid(-2) = 0.12): the decoder first learns the language on its own.
@@ -45,7 +55,8 @@ class ConceptHead(keras.layers.Layer):
         )
 
     def build(self, features_shape, token_ids_shape=None, padding_mask_shape=None):
-        self.word_logits.build((None, 2 * features_shape[-1]))
+        pooled_parts = 2 + (4 if self.grid else 0)
+        self.word_logits.build((None, pooled_parts * features_shape[-1]))
         self.embed.build((None, self.vocabulary_size))
         if self.gate is not None:
             self.gate.build((None, None, self.gate_dim))
@@ -53,8 +64,18 @@ class ConceptHead(keras.layers.Layer):
 
     def logits(self, features):
         """Multi-label word logits `[B, vocabulary_size]`."""
-        pooled = ops.concatenate([ops.mean(features, axis=1), ops.max(features, axis=1)], axis=-1)
-        return self.word_logits(pooled)
+        pooled = [ops.mean(features, axis=1), ops.max(features, axis=1)]
+        if self.grid:
+            pooled += self.quadrant_max(features)
+        return self.word_logits(ops.concatenate(pooled, axis=-1))
+
+    def quadrant_max(self, features):
+        """Max over each quadrant of the h x w map (the middle row/column joins both halves when odd): 4 x `[B, D]`."""
+        h, w = self.grid
+        grid = ops.reshape(features[:, -h * w:, :], (-1, h, w, features.shape[-1]))
+        rows = (grid[:, : (h + 1) // 2], grid[:, h // 2:])
+        return [ops.max(half[:, :, cols], axis=(1, 2))
+                for half in rows for cols in (slice(0, (w + 1) // 2), slice(w // 2, w))]
 
     def call(self, features, token_ids=None, padding_mask=None, training=None, return_logits=False):
         """The concept vector `[B, output_dim]`; with `return_logits`, also the word logits `[B, vocabulary_size]`."""
@@ -84,5 +105,5 @@ class ConceptHead(keras.layers.Layer):
     def get_config(self) -> dict:
         config = super().get_config()
         config.update(vocabulary_size=self.vocabulary_size, output_dim=self.output_dim, loss_weight=self.loss_weight,
-                      gate_dim=self.gate_dim)
+                      gate_dim=self.gate_dim, grid=list(self.grid) if self.grid else None)
         return config

@@ -12,9 +12,11 @@ from keras_models.registry import build_captioner
 from pipelines.text import build_vocabulary, make_tokenizer
 
 CAPTIONS = ["ct chest left lung small nodule", "mri brain right large mass", "xray knee normal study"]
-# (model, extra backbone kwargs): the concept vector alone, and CNN-GRU with the gated word bias as well
-CONFIGS = [("cnn_gru", {}), ("cnn_gru", {"concept_word_bias": True}), ("git", {})]
-IDS = ["cnn_gru", "cnn_gru-word-bias", "git"]
+# (model, extra backbone kwargs): the concept vector alone, and the small presets' head (gated word bias +
+# quadrant pooling)
+SMALL_HEAD = {"concept_word_bias": True, "concept_quadrants": True}
+CONFIGS = [("cnn_gru", {}), ("cnn_gru", SMALL_HEAD), ("git", {}), ("git", SMALL_HEAD)]
+IDS = ["cnn_gru", "cnn_gru-bias-quadrants", "git", "git-bias-quadrants"]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +47,28 @@ def test_word_bias_is_the_gated_log_probability_of_each_word():
     np.testing.assert_allclose(bias[0], [expected, expected], atol=1e-5)
 
 
-def test_word_bias_without_a_concept_head_is_refused(tokenizer):
+@pytest.mark.parametrize("name", ["cnn_gru", "git"])
+@pytest.mark.parametrize("option", ["concept_word_bias", "concept_quadrants"])
+def test_concept_options_without_a_concept_head_are_refused(name, option, tokenizer):
     with pytest.raises(ValueError, match="concept_loss_weight"):
-        build_captioner("cnn_gru", "tiny", tokenizer, concept_word_bias=True)
+        build_captioner(name, "tiny", tokenizer, **{option: True})
+
+
+# (grid, hot cell (row, column), which quadrants see it: top-left, top-right, bottom-left, bottom-right)
+@pytest.mark.parametrize("grid,cell,seen", [((4, 4), (0, 3), [0, 1, 0, 0]), ((4, 4), (3, 0), [0, 0, 1, 0]),
+                                            ((3, 5), (1, 2), [1, 1, 1, 1]), ((3, 5), (2, 4), [0, 0, 0, 1])])
+def test_quadrant_pooling_sees_where_a_feature_is(grid, cell, seen):
+    h, w = grid
+    head = ConceptHead(vocabulary_size=3, output_dim=2, grid=grid)
+    head.build((None, 1 + h * w, 2))
+    features = np.zeros((1, 1 + h * w, 2), "float32")
+    features[0, 0] = 100.0  # row 0 is a class token: it joins only the global pooling
+    features[0, 1 + cell[0] * w + cell[1], 1] = 7.0  # the map is row-major; odd sizes share the middle row/column
+    quadrants = [ops.convert_to_numpy(q)[0] for q in head.quadrant_max(features)]
+    np.testing.assert_allclose(quadrants, [[0.0, 7.0 * s] for s in seen])
+    assert head.logits(features).shape == (1, 3)
+    with pytest.raises(ValueError, match="2 x 2"):
+        ConceptHead(vocabulary_size=3, output_dim=2, grid=(1, 4))
 
 
 @pytest.mark.parametrize("name,extra", CONFIGS, ids=IDS)
@@ -104,16 +125,16 @@ from pipelines.text import build_vocabulary, make_tokenizer
 captions = np.array(%r)
 tokenizer = make_tokenizer(build_vocabulary(list(captions) * 30, 100))
 out = {"backend": keras.config.backend()}
-for name, extra in %r:
+for name, extra, key in %r:
     keras.utils.set_random_seed(0)
     model = build_captioner(name, "tiny", tokenizer, concept_loss_weight=1.0, **extra)
     size, channels = model.image_config["image_size"], model.image_config["channels"]
     images = np.random.RandomState(0).uniform(-1, 1, (3, size, size, channels)).astype("float32")
     history = model.fit(x={"images": images, "captions": captions}, batch_size=3, epochs=3, verbose=0)
-    out[name + "-word-bias" * bool(extra)] = {"loss": history.history["loss"], "greedy": model.generate(images, max_length=8),
+    out[key] = {"loss": history.history["loss"], "greedy": model.generate(images, max_length=8),
                  "beam": model.generate(images, max_length=8, sampler="beam", num_beams=2)}
 print(json.dumps(out))
-""" % (CAPTIONS, CONFIGS)
+""" % (CAPTIONS, [(name, extra, key) for (name, extra), key in zip(CONFIGS, IDS)])
 
 
 def test_concept_head_trains_and_generates_on_torch():

@@ -19,7 +19,8 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
     `decoder` (attention GRU). `encoder_weights` (a local file) is read when the backbone
     is first built; `get_config` drops it because the trained weights are saved with the model.
     `concept_loss_weight` > 0 adds a `concept_head` (`keras_models.concepts`) that the decoder reads;
-    `concept_word_bias` also adds its gated word bias to the next-token logits (`next_token_logits`).
+    `concept_word_bias` also adds its gated word bias to the next-token logits (`next_token_logits`);
+    `concept_quadrants` lets the head also pool each quadrant of the feature map (where and how large).
     Outputs `{"sequence_output": [B, T, embedding_dim]}`, plus `"concept_logits"` `[B, vocab]` with a concept head.
     """
 
@@ -39,11 +40,12 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         dropout: float = 0.1,
         concept_loss_weight: float = 0.0,
         concept_word_bias: bool = False,
+        concept_quadrants: bool = False,
         dtype=None,
         **kwargs,
     ):
-        if concept_word_bias and not concept_loss_weight:
-            raise ValueError("concept_word_bias needs a concept head: set concept_loss_weight > 0.")
+        if (concept_word_bias or concept_quadrants) and not concept_loss_weight:
+            raise ValueError("concept_word_bias and concept_quadrants need a concept head: set concept_loss_weight > 0.")
         # === Layers ===
         self.image_encoder = ImageEncoder(
             encoder=encoder,
@@ -61,7 +63,8 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         )
         self.concept_head = (
             ConceptHead(vocabulary_size, embedding_dim, concept_loss_weight,
-                        gate_dim=embedding_dim if concept_word_bias else 0, name="concept_head", dtype=dtype)
+                        gate_dim=embedding_dim if concept_word_bias else 0,
+                        grid=self.image_encoder.grid if concept_quadrants else None, name="concept_head", dtype=dtype)
             if concept_loss_weight else None
         )
         self.decoder = AttentionGRUDecoder(hidden_dim, attention_dim, embedding_dim, dropout,
@@ -91,6 +94,7 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         self.feature_dim, self.embedding_dim = feature_dim, embedding_dim
         self.hidden_dim, self.attention_dim, self.dropout = hidden_dim, attention_dim, dropout
         self.concept_loss_weight, self.concept_word_bias = concept_loss_weight, concept_word_bias
+        self.concept_quadrants = concept_quadrants
 
     def concepts(self, features):
         """(concept vector, word logits) for image features; (None, None) without a concept head."""
@@ -125,5 +129,6 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
             dropout=self.dropout,
             concept_loss_weight=self.concept_loss_weight,
             concept_word_bias=self.concept_word_bias,
+            concept_quadrants=self.concept_quadrants,
         )
         return config

@@ -46,7 +46,8 @@ class GitBackbone(keras_hub.models.Backbone):
     ViT tokens -> Linear + LayerNorm projection; text -> word + learned position
     embeddings (text positions only) + LayerNorm; [image; text] -> BERT post-LN
     decoder layers under `GitAttentionMask`. Inputs `{"images", "token_ids",
-    "padding_mask"}`; output: hidden states of the text positions `[B, T, hidden_dim]`.
+    "padding_mask"}`; outputs `{"sequence_output"}`: hidden states of the text positions
+    `[B, T, hidden_dim]`, plus `"concept_logits"` `[B, vocab]` with a concept head.
 
     `vision_*` arguments size the ViT (Hugging Face's `vision_config`), the
     others the text decoder; activations take Hugging Face names
@@ -56,6 +57,8 @@ class GitBackbone(keras_hub.models.Backbone):
     for training from scratch (see `conv_stem`); checkpoints use "patch".
     `concept_loss_weight` > 0 appends one image token from a `ConceptHead` (`keras_models.concepts`),
     trained to predict the caption's words; checkpoints have none, so imported models match GIT exactly.
+    `concept_word_bias` also adds the head's gated word bias to the next-token logits (`GitCaptioner`);
+    `concept_quadrants` lets the head also pool each quadrant of the image-token grid.
     """
 
     def __init__(
@@ -80,9 +83,13 @@ class GitBackbone(keras_hub.models.Backbone):
         dropout: float = 0.1,
         vision_stem: str = "patch",
         concept_loss_weight: float = 0.0,
+        concept_word_bias: bool = False,
+        concept_quadrants: bool = False,
         dtype=None,
         **kwargs,
     ):
+        if (concept_word_bias or concept_quadrants) and not concept_loss_weight:
+            raise ValueError("concept_word_bias and concept_quadrants need a concept head: set concept_loss_weight > 0.")
         # === Layers ===
         self.vision_encoder = GitVisionEncoder(
             image_size,
@@ -114,7 +121,9 @@ class GitBackbone(keras_hub.models.Backbone):
         )
         self.text_embedding_dropout = keras.layers.Dropout(dropout, dtype=dtype, name="text_embedding_dropout")
         self.concept_head = (
-            ConceptHead(vocabulary_size, hidden_dim, concept_loss_weight, dtype=dtype, name="concept_head")
+            ConceptHead(vocabulary_size, hidden_dim, concept_loss_weight, gate_dim=hidden_dim if concept_word_bias else 0,
+                        grid=(image_size // patch_size,) * 2 if concept_quadrants else None,
+                        dtype=dtype, name="concept_head")
             if concept_loss_weight else None
         )
         self.num_image_tokens = self.vision_encoder.num_tokens + (1 if self.concept_head else 0)
@@ -137,11 +146,14 @@ class GitBackbone(keras_hub.models.Backbone):
         images = keras.Input((image_size, image_size, num_channels), name="images")
         token_ids = keras.Input((None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input((None,), dtype="int32", name="padding_mask")
-        x = ops.concatenate([self.encode_images(images, token_ids, padding_mask), self.embed_text(token_ids)], axis=1)
+        image_tokens, concept_logits = self.encode_images(images, token_ids, padding_mask, return_concept_logits=True)
+        x = ops.concatenate([image_tokens, self.embed_text(token_ids)], axis=1)
         mask = self.attention_mask(padding_mask)
         for layer in self.transformer_layers:
             x = layer(x, decoder_attention_mask=mask, use_causal_mask=False)
-        outputs = x[:, self.num_image_tokens :, :]
+        outputs = {"sequence_output": x[:, self.num_image_tokens :, :]}
+        if self.concept_head is not None:
+            outputs["concept_logits"] = concept_logits
         super().__init__(
             inputs={"images": images, "token_ids": token_ids, "padding_mask": padding_mask},
             outputs=outputs,
@@ -169,18 +181,21 @@ class GitBackbone(keras_hub.models.Backbone):
         self.layer_norm_epsilon = layer_norm_epsilon
         self.dropout = dropout
         self.vision_stem = vision_stem
-        self.concept_loss_weight = concept_loss_weight
+        self.concept_loss_weight, self.concept_word_bias = concept_loss_weight, concept_word_bias
+        self.concept_quadrants = concept_quadrants
 
-    def encode_images(self, images, token_ids=None, padding_mask=None):
+    def encode_images(self, images, token_ids=None, padding_mask=None, return_concept_logits=False):
         """Images `[B, H, W, C]` -> projected image tokens `[B, N, hidden_dim]` (the concept token last).
 
         `token_ids` and `padding_mask` are the captions the concept head learns from in training.
+        With `return_concept_logits`: (tokens, the concept head's word logits `[B, vocab]` or None).
         """
         tokens = self.image_projection_norm(self.image_projection(self.vision_encoder(images)))
-        if self.concept_head is None:
-            return tokens
-        concepts = self.concept_head(tokens, token_ids, padding_mask)
-        return ops.concatenate([tokens, ops.expand_dims(concepts, 1)], axis=1)
+        concept_logits = None
+        if self.concept_head is not None:
+            concepts, concept_logits = self.concept_head(tokens, token_ids, padding_mask, return_logits=True)
+            tokens = ops.concatenate([tokens, ops.expand_dims(concepts, 1)], axis=1)
+        return (tokens, concept_logits) if return_concept_logits else tokens
 
     def embed_text(self, token_ids, start_index=0):
         """Token ids `[B, T]` at text positions `start_index...` -> normalised embeddings `[B, T, hidden_dim]`."""
@@ -211,5 +226,7 @@ class GitBackbone(keras_hub.models.Backbone):
             dropout=self.dropout,
             vision_stem=self.vision_stem,
             concept_loss_weight=self.concept_loss_weight,
+            concept_word_bias=self.concept_word_bias,
+            concept_quadrants=self.concept_quadrants,
         )
         return config

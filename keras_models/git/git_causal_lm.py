@@ -40,7 +40,7 @@ class GitCaptioner(ImageCaptioner):
     The decoding cache holds, per layer, `(image_keys, image_values, text_keys, text_values)`:
     the image ones `[B, N, num_heads, head_dim]` computed once in `_build_cache` and never
     copied again (never repeated per beam either), the text ones `[B, T, num_heads, head_dim]`
-    written one position per step.
+    written one position per step; with a concept head, the concept logits `[B, vocab]` follow.
     """
 
     backbone_cls = GitBackbone
@@ -63,8 +63,16 @@ class GitCaptioner(ImageCaptioner):
         )
         # === Functional model ===
         inputs = backbone.input
-        outputs = self.lm_head(backbone(inputs))
-        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        outputs = backbone(inputs)
+        logits = self.next_token_logits(outputs["sequence_output"], outputs.get("concept_logits"))
+        super().__init__(inputs=inputs, outputs=logits, **kwargs)
+
+    def next_token_logits(self, hidden, concept_logits=None):
+        """LM head on text hidden states, plus the concept head's gated word bias if the backbone has it."""
+        logits = self.lm_head(hidden)
+        if self.backbone.concept_word_bias and self.backbone.concept_head is not None:
+            logits = logits + self.backbone.concept_head.word_bias(hidden, concept_logits)
+        return logits
 
     def compile(self, optimizer="auto", loss="auto", *, label_smoothing: float = 0.0, **kwargs):
         """`ImageCaptioner.compile`; with `label_smoothing > 0` the default loss smooths the targets."""
@@ -94,14 +102,17 @@ class GitCaptioner(ImageCaptioner):
         """
         images, token_ids, padding_mask = inputs["images"], inputs["token_ids"], inputs["padding_mask"]
         hidden_states, cache = self._build_cache(images, token_ids, padding_mask)
-        image_kv = tuple(layer[:2] for layer in cache)
+        layers, per_image = self._split_cache(cache)
+        image_kv = tuple(layer[:2] for layer in layers)
 
         def step(ids, text_kv, index):
-            full = tuple((*image, *text) for image, text in zip(image_kv, text_kv))
+            beams = ops.shape(ids)[0] // ops.shape(images)[0]  # an image's beams are adjacent rows
+            per_row = tuple(ops.repeat(logits, beams, axis=0) for logits in per_image)
+            full = tuple((*image, *text) for image, text in zip(image_kv, text_kv)) + per_row
             logits, hidden, cache = self.call_with_cache(ids, full, index)
-            return logits, hidden, tuple(layer[2:] for layer in cache)
+            return logits, hidden, tuple(layer[2:] for layer in self._split_cache(cache)[0])
 
-        text_kv = tuple(layer[2:] for layer in cache)
+        text_kv = tuple(layer[2:] for layer in layers)
         return self._sample(token_ids, padding_mask, hidden_states, text_kv, step, stop_token_ids)
 
     def _layer(self, layer, x, parts):
@@ -150,7 +161,8 @@ class GitCaptioner(ImageCaptioner):
         attends to their keys/values and to itself (causal, padding hidden).
         """
         backbone = self.backbone
-        image, text = backbone.encode_images(images), backbone.embed_text(token_ids)
+        image, concept_logits = backbone.encode_images(images, return_concept_logits=True)
+        text = backbone.embed_text(token_ids)
         positions = ops.arange(ops.shape(token_ids)[1])
         causal = ops.less_equal(positions[None, :], positions[:, None])
         text_mask = ops.logical_and(causal[None], ops.cast(padding_mask, "bool")[:, None, :])
@@ -162,13 +174,19 @@ class GitCaptioner(ImageCaptioner):
             text = self._layer(layer, text, [(*image_kv, None, False), (*text_kv, text_mask, False)])
             image = self._layer(layer, image, [(*image_kv, None, False)])
             cache.append((*image_kv, *text_kv))
-        return text, tuple(cache)
+        return text, tuple(cache) + (() if concept_logits is None else (concept_logits,))
+
+    def _split_cache(self, cache):
+        """(per-layer key/value tuples, what follows them: the concept logits, one row per image, if any)."""
+        layers = len(self.backbone.transformer_layers)
+        return cache[:layers], tuple(cache[layers:])
 
     def call_with_cache(self, token_ids, cache, cache_update_index):
         """Decode `token_ids` `[B, L]` at text positions `cache_update_index...`: (logits, hidden, cache)."""
         backbone = self.backbone
         batch_size, query_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
         queries = ops.arange(query_length)[:, None] + cache_update_index
+        cache, per_image = self._split_cache(cache)
         keys = ops.arange(ops.shape(cache[0][2])[1])[None, :]
         mask = ops.broadcast_to(ops.less_equal(keys, queries)[None], (batch_size, query_length, ops.shape(keys)[1]))
         x = backbone.embed_text(token_ids, start_index=cache_update_index)  # text positions count text only
@@ -181,7 +199,7 @@ class GitCaptioner(ImageCaptioner):
             parts = [(image_keys, image_values, None, True), (text_keys, text_values, mask, False)]
             x = self._layer(layer, x, parts)
             new_cache.append((image_keys, image_values, text_keys, text_values))
-        return self.lm_head(x), x, tuple(new_cache)
+        return self.next_token_logits(x, *per_image), x, tuple(new_cache) + per_image
 
 
 def build_git_captioner(preset: str, tokenizer, sequence_length: int | None = None, **overrides) -> GitCaptioner:

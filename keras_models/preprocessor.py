@@ -65,22 +65,11 @@ class CaptionPreprocessor(keras_hub.models.CausalLMPreprocessor):
     vocabulary from a Hugging Face GIT checkpoint stands in for our own.
     `image_config` says how `pipelines.images.preprocess_image` prepares pixels
     for this model; the preprocessor passes images through untouched.
-    With `pad_to_multiple_of`, a batch is only as long as its longest caption, rounded up to a
-    multiple of it (at most `sequence_length`; the rounding bounds how many shapes the training
-    step is traced for). The decoders are causal, so the logits of real tokens do not change; Keras
-    divides the masked token loss by every position of a batch, so a cut batch's loss is the same
-    sum over fewer positions. `None` (the default, keras-hub's behaviour) pads every batch to
-    `sequence_length`. The CNN-GRU presets cut (its GRU runs fewer steps); GIT's do not: with an
-    unknown text length its TensorFlow training step ran slower (143 -> 91 examples/s).
     """
 
-    def __init__(self, tokenizer, sequence_length: int = 48, image_config: dict | None = None,
-                 pad_to_multiple_of: int | None = None, **kwargs):
+    def __init__(self, tokenizer, sequence_length: int = 48, image_config: dict | None = None, **kwargs):
         super().__init__(tokenizer=tokenizer, sequence_length=sequence_length, **kwargs)
         self.image_config = dict(DEFAULT_IMAGE_CONFIG, **(image_config or {}))
-        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of}.")
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     @preprocessing_function
     def call(self, x, y=None, sample_weight=None, sequence_length=None):
@@ -94,24 +83,12 @@ class CaptionPreprocessor(keras_hub.models.CausalLMPreprocessor):
             add_start_value=True,
             add_end_value=True,
         )
-        if self.pad_to_multiple_of:
-            token_ids, padding_mask = self._trim(token_ids, padding_mask)
         inputs = {
             "images": x["images"],
             "token_ids": token_ids[..., :-1],
             "padding_mask": padding_mask[..., :-1],
         }
         return keras.utils.pack_x_y_sample_weight(inputs, token_ids[..., 1:], padding_mask[..., 1:])
-
-    def _trim(self, token_ids, padding_mask):
-        """Drop the columns after the longest caption, keeping the inputs a multiple of `pad_to_multiple_of` long."""
-        import tensorflow as tf  # preprocessing runs in tf.data on every backend, as keras-hub's tokenizers do
-
-        longest = tf.reduce_max(tf.reduce_sum(tf.cast(padding_mask, "int32"), axis=-1))  # with [CLS] and [SEP]
-        multiple = self.pad_to_multiple_of
-        inputs = (longest - 1 + multiple - 1) // multiple * multiple  # the inputs drop the last column
-        width = tf.minimum(inputs + 1, tf.shape(token_ids)[-1])
-        return token_ids[..., :width], padding_mask[..., :width]
 
     def generate_preprocess(self, x, sequence_length=None):
         """`{"images"}` -> model inputs whose prompt is one [CLS] per image (backend tensors)."""
@@ -124,5 +101,5 @@ class CaptionPreprocessor(keras_hub.models.CausalLMPreprocessor):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(image_config=self.image_config, pad_to_multiple_of=self.pad_to_multiple_of)
+        config["image_config"] = self.image_config
         return config

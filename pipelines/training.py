@@ -134,10 +134,6 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     with strategy.scope():
         model = build_captioner(name, cfg.preset, tokenizer, sequence_length=cfg.sequence_length)
         model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
-    if model.jit_compile and model.preprocessor.pad_to_multiple_of:
-        # XLA (Keras' choice on GPUs) compiles once per batch length, and the GRU's scan over a length
-        # unknown when traced has no XLA gradient: keep every batch sequence_length long there.
-        model.preprocessor.pad_to_multiple_of = None
     print(f"\n[{name}] preset {cfg.preset}: {model.count_params():,} parameters; "
           f"{epochs} epochs max x {steps} steps of {batch_size}; lr {learning_rate:g}; "
           f"time budget {budget or 'none'} min; augmentation {'on' if augment else 'off'}; {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")

@@ -70,7 +70,7 @@ def test_vocabulary_without_specials_is_refused():
 
 
 def test_preprocessor_teacher_forcing_shift(vocabulary):
-    pre = CaptionPreprocessor(make_tokenizer(vocabulary), sequence_length=16, pad_to_multiple_of=None)
+    pre = CaptionPreprocessor(make_tokenizer(vocabulary), sequence_length=16)
     x, y, w = pre({"images": np.zeros((2, 4, 4, 1), "float32"), "captions": CAPTIONS[:2]})
     ids, mask = np.asarray(x["token_ids"]), np.asarray(x["padding_mask"])
     assert ids.shape == (2, 16) and (ids[:, 0] == 2).all()  # [CLS] first
@@ -78,25 +78,6 @@ def test_preprocessor_teacher_forcing_shift(vocabulary):
     assert np.asarray(w).dtype == bool and mask.sum() >= np.asarray(w).sum()
     text = pre.generate_postprocess({"token_ids": ids, "padding_mask": mask})
     assert text[1] == "chest x-ray, pa view: no acute abnormality."
-
-
-@pytest.mark.parametrize("multiple,sequence_length,width", [(8, 32, 24), (4, 32, 20), (8, 10, 10), (None, 32, 32)])
-def test_batches_are_cut_after_the_longest_caption(vocabulary, multiple, sequence_length, width):
-    tokenizer = make_tokenizer(vocabulary)
-    longest = max(len(tokenizer(c)) for c in CAPTIONS[:3]) + 1  # the inputs hold [CLS] and every token
-    assert longest == 18  # so the widths above: 18 rounded up to 8 / 4, or the sequence length when shorter
-    full = CaptionPreprocessor(tokenizer, sequence_length=sequence_length, pad_to_multiple_of=None)
-    cut = CaptionPreprocessor(tokenizer, sequence_length=sequence_length, pad_to_multiple_of=multiple)
-    batch = {"images": np.zeros((3, 4, 4, 1), "float32"), "captions": CAPTIONS[:3]}
-    (x_full, y_full, w_full), (x_cut, y_cut, w_cut) = full(batch), cut(batch)
-    assert np.asarray(x_cut["token_ids"]).shape == np.asarray(y_cut).shape == (3, width)
-    for a, b in [(x_full["token_ids"], x_cut["token_ids"]), (x_full["padding_mask"], x_cut["padding_mask"]),
-                 (y_full, y_cut), (w_full, w_cut)]:
-        a, b = np.asarray(a), np.asarray(b)
-        np.testing.assert_array_equal(a[:, :width], b)
-        assert not a[:, width:].any()  # only padding was dropped
-    with pytest.raises(ValueError, match="pad_to_multiple_of"):
-        CaptionPreprocessor(tokenizer, pad_to_multiple_of=0)
 
 
 def test_generate_prompt_is_one_cls_per_image(vocabulary):
@@ -115,25 +96,3 @@ def test_real_caption_whitespace_never_becomes_a_token_and_vocab_txt_keeps_ids(t
     assert not [t for t in vocabulary if any(c.isspace() for c in t) or t in ("", "##")]
     save_vocabulary(vocabulary, tmp_path)
     assert load_vocabulary(tmp_path) == vocabulary  # same ids after a reload (resume, export)
-
-
-@pytest.mark.parametrize("name", ["cnn_gru", "git"])
-def test_cut_batches_give_the_same_summed_loss_and_accuracy(vocabulary, name):
-    import keras
-
-    from keras_models.registry import build_captioner
-
-    keras.utils.set_random_seed(0)
-    model = build_captioner(name, "tiny", make_tokenizer(vocabulary), sequence_length=32, concept_loss_weight=0.0)
-    size, channels = model.image_config["image_size"], model.image_config["channels"]
-    data = {"images": np.random.RandomState(0).uniform(-1, 1, (3, size, size, channels)).astype("float32"),
-            "captions": np.array(CAPTIONS[:3])}
-    results = {}
-    for multiple in (None, 8):
-        model.preprocessor.pad_to_multiple_of = multiple
-        results[multiple] = model.evaluate(x=data, batch_size=3, verbose=0, return_dict=True)
-    # Keras divides the masked token loss by every position of the batch (32 wide, or 24 when cut; see
-    # test_batches_are_cut_after_the_longest_caption): the sum over the real tokens is the same.
-    assert results[8]["loss"] * 24 == pytest.approx(results[None]["loss"] * 32, rel=1e-5)
-    assert results[8]["token_accuracy"] == pytest.approx(results[None]["token_accuracy"], abs=1e-6)
-    assert results[8]["loss"] > 1.0  # untrained: a real loss, not an empty batch

@@ -26,8 +26,7 @@ def build_cnn_gru_captioner(preset: str, tokenizer, sequence_length: int | None 
         channels=image_config["channels"],
         **{**config["backbone"], **overrides},
     )
-    preprocessor = CaptionPreprocessor(tokenizer, sequence_length or config["sequence_length"], image_config,
-                                       pad_to_multiple_of=config.get("pad_to_multiple_of"))
+    preprocessor = CaptionPreprocessor(tokenizer, sequence_length or config["sequence_length"], image_config)
     captioner = CNNGRUCaptioner(backbone=backbone, preprocessor=preprocessor)
     captioner.compile(optimizer=keras.optimizers.Adam(config["train"]["learning_rate"], global_clipnorm=5.0))
     return captioner

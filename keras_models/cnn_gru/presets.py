@@ -38,6 +38,7 @@ PRESETS = {
             "dropout": 0.1,
             "concept_loss_weight": 1.0,  # keras_models/concepts.py: without it finding/size/laterality stay at chance
             "concept_word_bias": True,  # ... and without this the decoder picks side and size at chance
+            "concept_quadrants": True,  # the head also pools each quadrant: size 64% -> 81%, all fields 67% -> 80%
         },
         "image_config": {**GREYSCALE, "image_size": 128},
         "sequence_length": 32,

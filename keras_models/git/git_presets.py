@@ -52,10 +52,13 @@ PRESETS = {
             intermediate_dim=512,
             max_sequence_length=64,
             concept_loss_weight=1.0,  # keras_models/concepts.py: one extra image token that knows the caption's words
+            concept_word_bias=True,  # with quadrant pooling: synthetic all fields 38% -> 59%, side 52% -> 74%
+            concept_quadrants=True,
         ),
         "image_config": {"image_size": 128, **GREY_IMAGE_CONFIG},
         "sequence_length": 32,
-        "train": {"epochs": 4, "batch_size": 32, "learning_rate": 1e-3, "time_budget_minutes": 5.5},
+        # no augmentation: within 4 epochs it only slowed learning, as for the CNN-GRU
+        "train": {"epochs": 4, "batch_size": 32, "learning_rate": 1e-3, "time_budget_minutes": 5.5, "augment": False},
     },
     "base": {
         "backbone": dict(

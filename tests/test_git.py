@@ -227,6 +227,23 @@ def test_config_round_trip_and_keras_file(tokenizer, tmp_path):
     assert loaded.generate(data["images"], max_length=10) == model.generate(data["images"], max_length=10)
 
 
+def test_conv_stem_extra_convs_deepen_the_last_stages_and_save(tokenizer, tmp_path):
+    model = build_git_captioner("tiny", tokenizer, vision_stem="conv", vision_stem_extra_convs=2)
+    stem = model.backbone.vision_encoder.embedding.patch_embedding
+    convs = [layer for layer in stem.layers if isinstance(layer, keras.layers.Conv2D)]
+    # 16 px patches: four stride-2 stages, the last two with a stride-1 conv, then the 1x1 projection
+    assert [conv.strides[0] for conv in convs] == [2, 2, 2, 1, 2, 1, 1]
+    data = tiny_data(2)
+    model.save(tmp_path / "deep.keras")
+    loaded = keras.saving.load_model(tmp_path / "deep.keras")
+    assert loaded.backbone.vision_stem_extra_convs == 2
+    assert loaded.generate(data["images"], max_length=8) == model.generate(data["images"], max_length=8)
+    with pytest.raises(ValueError, match="stem='conv'"):
+        build_git_captioner("tiny", tokenizer, vision_stem_extra_convs=1)  # the tiny preset's patch stem
+    with pytest.raises(ValueError, match="between 0 and 4"):
+        build_git_captioner("tiny", tokenizer, vision_stem="conv", vision_stem_extra_convs=5)
+
+
 def test_training_and_every_sampler(tokenizer):
     keras.utils.set_random_seed(0)
     model = build_git_captioner("tiny", tokenizer, dropout=0.0)

@@ -54,7 +54,7 @@ class GitBackbone(keras_hub.models.Backbone):
     ("quick_gelu", "gelu" = exact erf gelu). `dropout` applies to the text side
     only (CLIP has none). `max_sequence_length` is the number of learned text positions.
     `vision_stem="conv"` replaces the patch convolution by a convolutional stem
-    for training from scratch (see `conv_stem`); checkpoints use "patch".
+    for training from scratch (see `conv_stem`, deepened by `vision_stem_extra_convs`); checkpoints use "patch".
     `concept_loss_weight` > 0 appends one image token from a `ConceptHead` (`keras_models.concepts`),
     trained to predict the caption's words; checkpoints have none, so imported models match GIT exactly.
     `concept_word_bias` also adds the head's gated word bias to the next-token logits (`GitCaptioner`);
@@ -82,6 +82,7 @@ class GitBackbone(keras_hub.models.Backbone):
         layer_norm_epsilon: float = 1e-12,
         dropout: float = 0.1,
         vision_stem: str = "patch",
+        vision_stem_extra_convs: int = 0,
         concept_loss_weight: float = 0.0,
         concept_word_bias: bool = False,
         concept_quadrants: bool = False,
@@ -101,6 +102,7 @@ class GitBackbone(keras_hub.models.Backbone):
             activation=vision_activation,
             layer_norm_epsilon=vision_layer_norm_epsilon,
             stem=vision_stem,
+            stem_extra_convs=vision_stem_extra_convs,
             dtype=dtype,
             name="vision_encoder",
         )
@@ -180,7 +182,7 @@ class GitBackbone(keras_hub.models.Backbone):
         self.vision_layer_norm_epsilon = vision_layer_norm_epsilon
         self.layer_norm_epsilon = layer_norm_epsilon
         self.dropout = dropout
-        self.vision_stem = vision_stem
+        self.vision_stem, self.vision_stem_extra_convs = vision_stem, vision_stem_extra_convs
         self.concept_loss_weight, self.concept_word_bias = concept_loss_weight, concept_word_bias
         self.concept_quadrants = concept_quadrants
 
@@ -225,6 +227,7 @@ class GitBackbone(keras_hub.models.Backbone):
             layer_norm_epsilon=self.layer_norm_epsilon,
             dropout=self.dropout,
             vision_stem=self.vision_stem,
+            vision_stem_extra_convs=self.vision_stem_extra_convs,
             concept_loss_weight=self.concept_loss_weight,
             concept_word_bias=self.concept_word_bias,
             concept_quadrants=self.concept_quadrants,

@@ -42,6 +42,7 @@ PRESETS = {
         "backbone": dict(
             patch_size=16,  # 128 px / 16 = 64 image tokens + [CLS]
             vision_stem="conv",  # from scratch a conv stem learns far faster than a 16x16 patch projection
+            vision_stem_extra_convs=2,  # a second conv at 16x16 and 8x8: all fields 59% -> 66% (in 3 epochs)
             vision_hidden_dim=128,
             vision_num_layers=2,
             vision_num_heads=4,

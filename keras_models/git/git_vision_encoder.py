@@ -23,24 +23,30 @@ def get_activation(name: str):
     return ACTIVATIONS[name]
 
 
-def conv_stem(patch_size: int, hidden_dim: int, dtype=None) -> keras.Sequential:
+def conv_stem(patch_size: int, hidden_dim: int, extra_convs: int = 0, dtype=None) -> keras.Sequential:
     """A convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better").
 
     log2(patch_size) 3x3 stride-2 convolutions with batch norm and ReLU, then a 1x1
     projection: the same token grid as a patch convolution, but it trains far
     faster from scratch on small data. Imported CLIP checkpoints keep the patch conv.
+    `extra_convs` adds a 3x3 stride-1 convolution (batch norm, ReLU) after each of the last
+    that many stride-2 ones: more depth where the map is small and a convolution cheap.
     """
     steps = patch_size.bit_length() - 1
     if 2**steps != patch_size:
         raise ValueError(f"The conv stem needs a power-of-two patch size, got {patch_size}.")
+    if not 0 <= extra_convs <= steps:
+        raise ValueError(f"extra_convs must be between 0 and {steps} (the stem's stages), got {extra_convs}.")
     layers = []
     for i in range(steps):
         width = max(16, hidden_dim // 2 ** (steps - 1 - i))
-        layers += [
-            keras.layers.Conv2D(width, 3, strides=2, padding="same", use_bias=False, dtype=dtype, name=f"stem_conv_{i}"),
-            keras.layers.BatchNormalization(dtype=dtype, name=f"stem_norm_{i}"),
-            keras.layers.ReLU(dtype=dtype, name=f"stem_relu_{i}"),
-        ]
+        for suffix, stride in [("", 2)] + ([("b", 1)] if i >= steps - extra_convs else []):
+            layers += [
+                keras.layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False, dtype=dtype,
+                                    name=f"stem_conv_{i}{suffix}"),
+                keras.layers.BatchNormalization(dtype=dtype, name=f"stem_norm_{i}{suffix}"),
+                keras.layers.ReLU(dtype=dtype, name=f"stem_relu_{i}{suffix}"),
+            ]
     layers.append(keras.layers.Conv2D(hidden_dim, 1, use_bias=False, dtype=dtype, name="stem_projection"))
     return keras.Sequential(layers, name="patch_embedding")
 
@@ -50,15 +56,19 @@ class GitVisionEmbedding(keras.layers.Layer):
     """Patch convolution (no bias), a learned class token in front and learned positions added.
 
     `stem="patch"` is CLIP's (and every Hugging Face checkpoint's); `stem="conv"`
-    swaps the patch convolution for `conv_stem`, for models trained from scratch.
+    swaps the patch convolution for `conv_stem` (with `stem_extra_convs`), for models trained from scratch.
     """
 
-    def __init__(self, image_size: int, patch_size: int, hidden_dim: int, stem: str = "patch", **kwargs):
+    def __init__(self, image_size: int, patch_size: int, hidden_dim: int, stem: str = "patch",
+                 stem_extra_convs: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.image_size, self.patch_size, self.hidden_dim, self.stem = image_size, patch_size, hidden_dim, stem
+        self.stem_extra_convs = stem_extra_convs
         self.num_positions = (image_size // patch_size) ** 2 + 1
+        if stem_extra_convs and stem != "conv":
+            raise ValueError("stem_extra_convs needs stem='conv' (a patch convolution has no stages).")
         if stem == "conv":
-            self.patch_embedding = conv_stem(patch_size, hidden_dim, dtype=self.dtype_policy)
+            self.patch_embedding = conv_stem(patch_size, hidden_dim, stem_extra_convs, dtype=self.dtype_policy)
         elif stem == "patch":
             self.patch_embedding = keras.layers.Conv2D(
                 hidden_dim,
@@ -93,7 +103,8 @@ class GitVisionEmbedding(keras.layers.Layer):
 
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(image_size=self.image_size, patch_size=self.patch_size, hidden_dim=self.hidden_dim, stem=self.stem)
+        config.update(image_size=self.image_size, patch_size=self.patch_size, hidden_dim=self.hidden_dim, stem=self.stem,
+                      stem_extra_convs=self.stem_extra_convs)
         return config
 
 
@@ -115,16 +126,18 @@ class GitVisionEncoder(keras.layers.Layer):
         activation: str = "quick_gelu",
         layer_norm_epsilon: float = 1e-5,
         stem: str = "patch",
+        stem_extra_convs: int = 0,
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.stem = stem
+        self.stem, self.stem_extra_convs = stem, stem_extra_convs
         self.image_size, self.patch_size, self.hidden_dim = image_size, patch_size, hidden_dim
         self.num_layers, self.num_heads, self.intermediate_dim = num_layers, num_heads, intermediate_dim
         self.activation, self.layer_norm_epsilon = activation, layer_norm_epsilon
         self.num_tokens = (image_size // patch_size) ** 2 + 1
         dtype = self.dtype_policy
-        self.embedding = GitVisionEmbedding(image_size, patch_size, hidden_dim, stem, dtype=dtype, name="embedding")
+        self.embedding = GitVisionEmbedding(image_size, patch_size, hidden_dim, stem, stem_extra_convs, dtype=dtype,
+                                            name="embedding")
         self.pre_layer_norm = keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, dtype=dtype, name="pre_layer_norm")
         self.encoder_layers = [
             keras_hub.layers.TransformerEncoder(
@@ -172,5 +185,6 @@ class GitVisionEncoder(keras.layers.Layer):
             activation=self.activation,
             layer_norm_epsilon=self.layer_norm_epsilon,
             stem=self.stem,
+            stem_extra_convs=self.stem_extra_convs,
         )
         return config

@@ -24,6 +24,13 @@ import keras
 from keras import layers, ops
 
 
+def check_concept_options(concept_loss_weight: float, **options: bool) -> None:
+    """Refuse backbone options (`concept_word_bias=True`, ...) that need a concept head when there is none."""
+    used = [name for name, on in options.items() if on]
+    if used and not concept_loss_weight:
+        raise ValueError(f"{', '.join(used)} needs a concept head: set concept_loss_weight > 0.")
+
+
 @keras.saving.register_keras_serializable(package="medcap")
 class ConceptHead(keras.layers.Layer):
     """Image features `[B, N, D]` -> concept vector `[B, output_dim]` = tanh(Dense(sigmoid(word logits))).

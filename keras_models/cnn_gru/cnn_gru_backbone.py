@@ -6,7 +6,7 @@ import keras
 import keras_hub
 
 from keras_models.cnn_gru.attention_decoder import AttentionGRUDecoder
-from keras_models.concepts import ConceptHead
+from keras_models.concepts import ConceptHead, check_concept_options
 from keras_models.cnn_gru.encoders import ImageEncoder
 
 
@@ -44,8 +44,8 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         dtype=None,
         **kwargs,
     ):
-        if (concept_word_bias or concept_quadrants) and not concept_loss_weight:
-            raise ValueError("concept_word_bias and concept_quadrants need a concept head: set concept_loss_weight > 0.")
+        check_concept_options(concept_loss_weight, concept_word_bias=concept_word_bias,
+                              concept_quadrants=concept_quadrants)
         # === Layers ===
         self.image_encoder = ImageEncoder(
             encoder=encoder,

@@ -6,7 +6,7 @@ import keras
 import keras_hub
 from keras import ops
 
-from keras_models.concepts import ConceptHead
+from keras_models.concepts import ConceptHead, check_concept_options
 from keras_models.git.git_vision_encoder import GitVisionEncoder, get_activation
 
 
@@ -89,8 +89,8 @@ class GitBackbone(keras_hub.models.Backbone):
         dtype=None,
         **kwargs,
     ):
-        if (concept_word_bias or concept_quadrants) and not concept_loss_weight:
-            raise ValueError("concept_word_bias and concept_quadrants need a concept head: set concept_loss_weight > 0.")
+        check_concept_options(concept_loss_weight, concept_word_bias=concept_word_bias,
+                              concept_quadrants=concept_quadrants)
         # === Layers ===
         self.vision_encoder = GitVisionEncoder(
             image_size,

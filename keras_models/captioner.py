@@ -44,11 +44,18 @@ class ImageCaptioner(keras_hub.models.CausalLM):
     """Base class: image-conditioned causal LM with `generate()` and caption scoring."""
 
     def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="greedy", **kwargs):
-        """Like `CausalLM.compile`, with masked token accuracy and a greedy default sampler."""
+        """Like `CausalLM.compile`, with masked token accuracy and a greedy default sampler.
+
+        The default metrics also report `caption_loss`, the masked token cross-entropy alone: `loss`
+        adds a concept head's word loss (a sum over the vocabulary), which can overfit while captions improve.
+        """
         if optimizer == "auto":
             optimizer = keras.optimizers.Adam(1e-3)
         if weighted_metrics == "auto":
-            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy(name="token_accuracy")]
+            weighted_metrics = [
+                keras.metrics.SparseCategoricalAccuracy(name="token_accuracy"),
+                keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="caption_loss"),
+            ]
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
 
     def get_compile_config(self) -> dict:

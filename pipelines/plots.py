@@ -20,12 +20,17 @@ def read_history(csv_log: str | Path) -> dict[str, list[float]]:
     return {key: [float(r[key]) for r in rows] for key in rows[0]}
 
 
+HISTORY_PANELS = (("loss", "loss (all terms)"), ("caption_loss", "caption loss (token cross-entropy)"),
+                  ("token_accuracy", "token accuracy"))
+
+
 def plot_history(csv_log: str | Path, out_png: str | Path, title: str) -> Path:
-    """Loss and masked token accuracy per epoch, train and validation, side by side."""
+    """Loss, caption loss (if logged) and masked token accuracy per epoch, train and validation, side by side."""
     history = read_history(csv_log)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    panels = [(metric, label) for metric, label in HISTORY_PANELS if metric in history]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     epochs = [int(e) + 1 for e in history.get("epoch", [])]
-    for ax, metric, label in ((axes[0], "loss", "loss"), (axes[1], "token_accuracy", "token accuracy")):
+    for ax, (metric, label) in zip(axes[0], panels):
         for prefix, style in (("", "-o"), ("val_", "--s")):
             if prefix + metric in history:
                 ax.plot(epochs, history[prefix + metric], style, label=("validation " if prefix else "train ") + label)

@@ -31,15 +31,16 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
         "",
         "## Models",
         "",
-        "| model | preset | parameters | epochs | train time | stopped by budget | val loss | val token acc |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | preset | parameters | epochs | train time | stopped by budget | val loss | val caption loss "
+        "| val token acc |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in models.items():
         final = r["final"]
         lines.append(
             f"| {name} | {r['preset']} | {r['parameters']:,} | {r['epochs_run']} | {r['train_seconds'] / 60:.1f} min "
             f"| {'yes' if r['stopped_by_time_budget'] else 'no'} | {_num(final.get('val_loss'))} "
-            f"| {_pct(final.get('val_token_accuracy'))} |"
+            f"| {_num(final.get('val_caption_loss'))} | {_pct(final.get('val_token_accuracy'))} |"
         )
     lines += ["", "## Clinical field accuracy", "", "| field | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for field in FIELD_ORDER:

@@ -141,8 +141,10 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     backup = keras.callbacks.BackupAndRestore if chief else functools.partial(ResumeFromChief, str(model_dir / "backup"))
     callbacks = [
         backup(str(out_dir / "backup"), double_checkpoint=True),
-        keras.callbacks.ModelCheckpoint(str(out_dir / "best.keras"), monitor="val_loss", save_best_only=True),
-        keras.callbacks.EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True),
+        # The captions' own validation loss: `val_loss` also sums the concept head's word loss over the
+        # vocabulary, which on small real sets overfits (and stopped training) while captions still improved.
+        keras.callbacks.ModelCheckpoint(str(out_dir / "best.keras"), monitor="val_caption_loss", save_best_only=True),
+        keras.callbacks.EarlyStopping(monitor="val_caption_loss", patience=3, restore_best_weights=True),
         keras.callbacks.CSVLogger(str(out_dir / "history.csv"), append=True),
         budget_cb,
     ]

@@ -156,3 +156,23 @@ def test_concept_head_trains_and_generates_on_torch():
         loss = result[name]["loss"]
         assert loss[0] > 10 and loss[-1] < loss[0]  # the concept term (many nats untrained) is in the loss
         assert len(result[name]["greedy"]) == len(result[name]["beam"]) == 3
+
+
+@pytest.mark.parametrize("name", ["cnn_gru", "git"])
+def test_caption_loss_is_the_token_cross_entropy_without_the_word_loss(name, tokenizer):
+    # pipelines/training.py stops and keeps checkpoints on val_caption_loss: the word loss (a sum over the
+    # vocabulary) dominates `loss` and can overfit on small sets while the captions still improve.
+    keras.utils.set_random_seed(0)
+    model = build_captioner(name, "tiny", tokenizer, concept_loss_weight=1.0)
+    size, channels = model.image_config["image_size"], model.image_config["channels"]
+    images = np.random.RandomState(0).uniform(-1, 1, (3, size, size, channels)).astype("float32")
+    results = model.evaluate(x={"images": images, "captions": np.array(CAPTIONS)}, batch_size=3, verbose=0,
+                             return_dict=True)
+    x, labels, mask = model.preprocessor({"images": images, "captions": np.array(CAPTIONS)})
+    logits = ops.convert_to_numpy(model(x))
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    token_ce = -np.take_along_axis(log_probs, np.asarray(labels)[..., None], -1)[..., 0]
+    mask = np.asarray(mask, "float32")
+    assert results["caption_loss"] == pytest.approx((token_ce * mask).sum() / mask.sum(), rel=1e-4)
+    assert results["loss"] > 5 * results["caption_loss"]  # the untrained word loss dominates the total

@@ -104,7 +104,7 @@ def test_custom_step_is_fits_step(data, tmp_path):
                         lambda ctx: ds(valid), epochs=2, steps_per_epoch=2, callbacks=[keras.callbacks.CSVLogger(str(log))])
     for a, b in zip(reference.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    assert set(custom.history) == set(fitted.history) == {"loss", "token_accuracy", "val_loss", "val_token_accuracy"}
+    assert set(custom.history) == set(fitted.history) == {"loss", "token_accuracy", "caption_loss", "val_loss", "val_token_accuracy", "val_caption_loss"}
     for key, values in fitted.history.items():
         np.testing.assert_allclose(custom.history[key], values, rtol=1e-5)
     assert len(log.read_text().splitlines()) == 3  # the same callbacks ran: a header and two epochs

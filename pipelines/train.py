@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     p.add_argument("--model", choices=["cnn_gru", "git", "all"], default="all", help="which captioner(s) to train")
     p.add_argument("--preset", default="small", help="model size preset: tiny (tests), small (CPU default), "
                    "or a larger one listed by keras_models.registry.presets(model)")
-    p.add_argument("--epochs", type=int, help="maximum epochs (default: the preset's); early stopping may end sooner")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default: the preset's); early stopping on the validation caption loss may end sooner")
     p.add_argument("--batch-size", type=int, help="examples per step (default: the preset's)")
     p.add_argument("--learning-rate", type=float, help="peak Adam learning rate (default: the preset's)")
     p.add_argument("--time-budget", type=float, dest="time_budget_minutes",

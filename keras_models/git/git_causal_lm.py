@@ -70,7 +70,7 @@ class GitCaptioner(ImageCaptioner):
     def next_token_logits(self, hidden, concept_logits=None):
         """LM head on text hidden states, plus the concept head's gated word bias if the backbone has it."""
         logits = self.lm_head(hidden)
-        if self.backbone.concept_word_bias and self.backbone.concept_head is not None:
+        if self.backbone.concept_word_bias:  # the backbone refuses the word bias without a concept head
             logits = logits + self.backbone.concept_head.word_bias(hidden, concept_logits)
         return logits
 

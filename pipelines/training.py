@@ -39,8 +39,9 @@ DONE_MARKER = "DONE.json"
 class TimeBudget(keras.callbacks.Callback):
     """Stop after the epoch when one more epoch would overrun `minutes` of wall time.
 
-    The next epoch is predicted to take as long as the last one: the first also traces the step
-    and reads every file once, so an average over epochs would overestimate it.
+    The next epoch is predicted to take as long as the slowest one since the first (the first also
+    traces the step and reads every file once, so it would overestimate): on a shared machine one
+    slow epoch says the next may be slow too.
     """
 
     def __init__(self, minutes: float | None):
@@ -50,6 +51,7 @@ class TimeBudget(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.start = self.epoch_start = time.perf_counter()
+        self.epoch_seconds = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch_start = time.perf_counter()
@@ -58,9 +60,10 @@ class TimeBudget(keras.callbacks.Callback):
         if not self.seconds or epoch + 1 >= (self.params or {}).get("epochs", float("inf")):
             return  # no budget, or the run ends here anyway: nothing was cut short
         now = time.perf_counter()
-        elapsed, last_epoch = now - self.start, now - self.epoch_start
-        if elapsed + last_epoch > self.seconds:
-            print(f"\nTime budget: stopping after epoch {epoch + 1} ({elapsed / 60:.1f} of {self.seconds / 60:.1f} min).")
+        self.epoch_seconds.append(now - self.epoch_start)
+        next_epoch = max(self.epoch_seconds[1:] or self.epoch_seconds)
+        if now - self.start + next_epoch > self.seconds:
+            print(f"\nTime budget: stopping after epoch {epoch + 1} ({(now - self.start) / 60:.1f} of {self.seconds / 60:.1f} min).")
             self.stopped_early = True
             self.model.stop_training = True
 

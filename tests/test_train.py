@@ -23,7 +23,7 @@ def test_augmentation_follows_the_flag_else_the_preset():
 def test_time_budget_stops_only_an_epoch_that_would_overrun_and_reports_only_real_cuts():
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
 
-    def run(minutes: float, epochs: int, epoch_seconds: float) -> tuple[bool, bool]:
+    def run(minutes: float, epochs: int, epoch_seconds: float | list[float]) -> tuple[bool, bool]:
         budget = TimeBudget(minutes)
         budget.set_model(model)
         budget.set_params({"epochs": epochs})
@@ -31,7 +31,7 @@ def test_time_budget_stops_only_an_epoch_that_would_overrun_and_reports_only_rea
         budget.on_train_begin()
         for epoch in range(epochs):
             budget.on_epoch_begin(epoch)
-            time.sleep(epoch_seconds)
+            time.sleep(epoch_seconds[epoch] if isinstance(epoch_seconds, list) else epoch_seconds)
             budget.on_epoch_end(epoch)
             if model.stop_training:
                 return True, budget.stopped_early
@@ -40,3 +40,7 @@ def test_time_budget_stops_only_an_epoch_that_would_overrun_and_reports_only_rea
     assert run(0.5 / 60, 3, 0.2) == (True, True)  # 0.5 s budget, 0.2 s epochs: the third would overrun
     assert run(0.5 / 60, 2, 0.2) == (False, False)  # the last planned epoch is not "stopped by the budget"
     assert run(0, 2, 0.0) == (False, False)  # 0 = no budget
+    # The next epoch is expected to be as slow as the slowest after the first (which also traces):
+    # after 0.4 + 0.3 + 0.05 s, a 0.3 s epoch would overrun 1 s, although the last one took 0.05 s.
+    assert run(1 / 60, 4, [0.4, 0.3, 0.05, 0.05]) == (True, True)
+    assert run(0.9 / 60, 8, [0.4] + [0.02] * 7) == (False, False)  # a slow first epoch (tracing) is not the estimate

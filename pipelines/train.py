@@ -40,6 +40,7 @@ class TrainConfig:
     batch_size: int | None = None
     learning_rate: float | None = None
     time_budget_minutes: float | None = None
+    run_time_budget_minutes: float | None = 14.5
     augment: bool | None = None
     vocabulary_size: int = 2000
     sequence_length: int | None = None
@@ -72,7 +73,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     p.add_argument("--learning-rate", type=float, help="peak Adam learning rate (default: the preset's)")
     p.add_argument("--time-budget", type=float, dest="time_budget_minutes",
                    help="stop a model's training after the epoch that would overrun this many minutes "
-                        "(default: the preset's CPU budget; 0 = no limit)")
+                        "(default: the preset's CPU budget; 0 = no limit, also for --run-time-budget)")
+    p.add_argument("--run-time-budget", type=float, dest="run_time_budget_minutes", default=14.5,
+                   help="models trained under a time budget also stop early enough that the whole run, "
+                        "evaluations included, ends within this many minutes: the last one gets what the first left "
+                        "(default 14.5, what the CPU presets are sized for; 0 = no limit)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random rotation, zoom and contrast on training images, never a flip (default: the "
                         "preset's; off for the short small-preset runs, where it slowed learning)")

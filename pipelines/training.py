@@ -34,19 +34,22 @@ from pipelines.text import build_vocabulary, load_vocabulary, make_tokenizer, sa
 from pipelines.tfrecords import ShardedSplit, is_tfrecord_dataset, list_tfrecord_splits, read_tfrecord_split
 
 DONE_MARKER = "DONE.json"
+EVALUATION_RESERVE_SECONDS = 60.0  # kept for each evaluation still to come, until one has been timed
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """Stop after the epoch when one more epoch would overrun `minutes` of wall time.
+    """Stop after the epoch when one more epoch would overrun `minutes` of wall time, or end after `deadline`.
 
     The next epoch is predicted to take as long as the slowest one since the first (the first also
     traces the step and reads every file once, so it would overestimate): on a shared machine one
-    slow epoch says the next may be slow too.
+    slow epoch says the next may be slow too. `deadline` is a `time.perf_counter()` value: the run's own
+    limit, which leaves time for the evaluations after training.
     """
 
-    def __init__(self, minutes: float | None):
+    def __init__(self, minutes: float | None, deadline: float | None = None):
         super().__init__()
         self.seconds = (minutes or 0) * 60
+        self.deadline = deadline
         self.stopped_early = False
 
     def on_train_begin(self, logs=None):
@@ -57,13 +60,17 @@ class TimeBudget(keras.callbacks.Callback):
         self.epoch_start = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.seconds or epoch + 1 >= (self.params or {}).get("epochs", float("inf")):
+        if not (self.seconds or self.deadline) or epoch + 1 >= (self.params or {}).get("epochs", float("inf")):
             return  # no budget, or the run ends here anyway: nothing was cut short
         now = time.perf_counter()
         self.epoch_seconds.append(now - self.epoch_start)
         next_epoch = max(self.epoch_seconds[1:] or self.epoch_seconds)
-        if now - self.start + next_epoch > self.seconds:
+        if self.seconds and now - self.start + next_epoch > self.seconds:
             print(f"\nTime budget: stopping after epoch {epoch + 1} ({(now - self.start) / 60:.1f} of {self.seconds / 60:.1f} min).")
+            self.stopped_early = True
+            self.model.stop_training = True
+        elif self.deadline and now + next_epoch > self.deadline:
+            print(f"\nRun time budget: stopping after epoch {epoch + 1}; another would leave too little time to evaluate.")
             self.stopped_early = True
             self.model.stop_training = True
 
@@ -106,9 +113,13 @@ def prepare_tokenizer(cfg, run_dir: Path, train_records):
     return make_tokenizer(vocabulary)
 
 
-def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: tf.distribute.Strategy | None = None
-              ) -> dict:
-    """Fit one captioner with checkpoints, backup/restore, early stopping and a CSV log, on `strategy`'s replicas."""
+def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: tf.distribute.Strategy | None = None,
+              deadline: float | None = None) -> dict:
+    """Fit one captioner with checkpoints, backup/restore, early stopping and a CSV log, on `strategy`'s replicas.
+
+    Training stops after the epoch that would overrun the preset's time budget or end after `deadline`
+    (a `time.perf_counter()` value).
+    """
     model_dir = run_dir / name
     model_path = model_dir / "model.keras"
     if (model_dir / DONE_MARKER).is_file():
@@ -139,8 +150,8 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
         model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
     print(f"\n[{name}] preset {cfg.preset}: {model.count_params():,} parameters; "
           f"{epochs} epochs max x {steps} steps of {batch_size}; lr {learning_rate:g}; "
-          f"time budget {budget or 'none'} min; augmentation {'on' if augment else 'off'}; {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")
-    budget_cb = TimeBudget(budget)
+          f"time budget {budget or 'none'} min{_deadline_note(deadline) if budget else ''}; augmentation {'on' if augment else 'off'}; {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")
+    budget_cb = TimeBudget(budget, deadline if budget else None)  # the run's budget binds budgeted models only
     backup = keras.callbacks.BackupAndRestore if chief else functools.partial(ResumeFromChief, str(model_dir / "backup"))
     callbacks = [
         backup(str(out_dir / "backup"), double_checkpoint=True),
@@ -189,6 +200,13 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     return {"model": model, **info}
 
 
+def _deadline_note(deadline: float | None) -> str:
+    """' (N min left in the run's budget)' for the training log; '' without a deadline."""
+    if deadline is None:
+        return ""
+    return f" ({max(0.0, deadline - time.perf_counter()) / 60:.1f} min left in the run's budget)"
+
+
 def evaluate_one(name: str, model, records, model_dir: Path, context: dict) -> dict:
     """Caption the evaluation split; write predictions.csv, metrics.json and the model's evaluation report."""
     predictions = predict_captions(model, records)
@@ -210,13 +228,21 @@ def run_training(cfg, run_dir: Path, resumed: bool, cache_dir: Path) -> Path | N
     """Train and evaluate every requested model; return the path of report.md (None on a non-chief worker)."""
     strategy = make_strategy(cfg.distribute)  # first: MultiWorkerMirroredStrategy must precede any other TF op
     started = time.perf_counter()
+    run_budget = cfg.run_time_budget_minutes if cfg.time_budget_minutes != 0 else None
+    run_deadline = started + run_budget * 60 if run_budget else None
     root, splits, reports = prepare_data(cfg, cache_dir)
     tokenizer = prepare_tokenizer(cfg, run_dir, splits["train"])
     eval_split = cfg.eval_split if cfg.eval_split in splits else "valid"
     names = MODELS if cfg.model == "all" else (cfg.model,)
+    evaluation_seconds = EVALUATION_RESERVE_SECONDS
+
+    def deadline(models_left: int) -> float | None:
+        """When training must end so that the evaluations still to come (timed by the last one) fit the run's budget."""
+        return run_deadline - 1.25 * evaluation_seconds * models_left if run_deadline else None
+
     if not is_chief():  # a worker only trains: the chief evaluates and reports
-        for name in names:
-            train_one(name, cfg, tokenizer, splits, run_dir, strategy)
+        for i, name in enumerate(names):
+            train_one(name, cfg, tokenizer, splits, run_dir, strategy, deadline(len(names) - i))
         wait_for_all(strategy)  # until the chief is done: leaving early would abort its collectives
         return None
     eval_records = splits[eval_split]
@@ -225,11 +251,13 @@ def run_training(cfg, run_dir: Path, resumed: bool, cache_dir: Path) -> Path | N
     context = {"dataset": str(root), "split": eval_split, "images": len(splits[eval_split]),
                "skipped_rows": reports[eval_split].total - reports[eval_split].valid}
     results, captions = {}, {}
-    for name in names:
-        trained = train_one(name, cfg, tokenizer, splits, run_dir, strategy)
+    for i, name in enumerate(names):
+        trained = train_one(name, cfg, tokenizer, splits, run_dir, strategy, deadline(len(names) - i))
         model = trained.pop("model")
         print(f"\n[{name}] evaluating on {eval_split} ({len(eval_records)} images)")
+        evaluation_started = time.perf_counter()
         trained["metrics"], captions[name] = evaluate_one(name, model, eval_records, run_dir / name, context)
+        evaluation_seconds = time.perf_counter() - evaluation_started
         results[name] = trained
     fields = {n: r["metrics"]["fields"] for n, r in results.items()}
     plot_field_accuracy(fields, run_dir / "field_accuracy.png", f"Field accuracy on {eval_split}")

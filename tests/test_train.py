@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import keras
 
 from keras_models.registry import presets
 from pipelines.train import parse_args
 from pipelines.training import TimeBudget
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_augmentation_follows_the_flag_else_the_preset():
@@ -20,27 +26,53 @@ def test_augmentation_follows_the_flag_else_the_preset():
     assert presets("cnn_gru")["densenet121"]["train"].get("augment", True) is True
 
 
-def test_time_budget_stops_only_an_epoch_that_would_overrun_and_reports_only_real_cuts():
+def run_budget(minutes: float, epochs: int, epoch_seconds: float | list[float], deadline_in: float | None = None
+               ) -> tuple[bool, bool]:
+    """(stopped, reported as cut by the budget) for epochs that sleep `epoch_seconds`."""
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    budget = TimeBudget(minutes, None if deadline_in is None else time.perf_counter() + deadline_in)
+    budget.set_model(model)
+    budget.set_params({"epochs": epochs})
+    model.stop_training = False
+    budget.on_train_begin()
+    for epoch in range(epochs):
+        budget.on_epoch_begin(epoch)
+        time.sleep(epoch_seconds[epoch] if isinstance(epoch_seconds, list) else epoch_seconds)
+        budget.on_epoch_end(epoch)
+        if model.stop_training:
+            return True, budget.stopped_early
+    return False, budget.stopped_early
 
-    def run(minutes: float, epochs: int, epoch_seconds: float | list[float]) -> tuple[bool, bool]:
-        budget = TimeBudget(minutes)
-        budget.set_model(model)
-        budget.set_params({"epochs": epochs})
-        model.stop_training = False
-        budget.on_train_begin()
-        for epoch in range(epochs):
-            budget.on_epoch_begin(epoch)
-            time.sleep(epoch_seconds[epoch] if isinstance(epoch_seconds, list) else epoch_seconds)
-            budget.on_epoch_end(epoch)
-            if model.stop_training:
-                return True, budget.stopped_early
-        return False, budget.stopped_early
 
-    assert run(0.5 / 60, 3, 0.2) == (True, True)  # 0.5 s budget, 0.2 s epochs: the third would overrun
-    assert run(0.5 / 60, 2, 0.2) == (False, False)  # the last planned epoch is not "stopped by the budget"
-    assert run(0, 2, 0.0) == (False, False)  # 0 = no budget
+def test_time_budget_stops_only_an_epoch_that_would_overrun_and_reports_only_real_cuts():
+    assert run_budget(0.5 / 60, 3, 0.2) == (True, True)  # 0.5 s budget, 0.2 s epochs: the third would overrun
+    assert run_budget(0.5 / 60, 2, 0.2) == (False, False)  # the last planned epoch is not "stopped by the budget"
+    assert run_budget(0, 2, 0.0) == (False, False)  # 0 = no budget
     # The next epoch is expected to be as slow as the slowest after the first (which also traces):
     # after 0.4 + 0.3 + 0.05 s, a 0.3 s epoch would overrun 1 s, although the last one took 0.05 s.
-    assert run(1 / 60, 4, [0.4, 0.3, 0.05, 0.05]) == (True, True)
-    assert run(0.9 / 60, 8, [0.4] + [0.02] * 7) == (False, False)  # a slow first epoch (tracing) is not the estimate
+    assert run_budget(1 / 60, 4, [0.4, 0.3, 0.05, 0.05]) == (True, True)
+    assert run_budget(0.9 / 60, 8, [0.4] + [0.02] * 7) == (False, False)  # a slow first epoch (tracing) is not the estimate
+
+
+def test_the_runs_deadline_stops_training_even_without_a_model_budget():
+    assert run_budget(0, 5, 0.1, deadline_in=0.25) == (True, True)  # after 2 epochs a 3rd would end past it
+    assert run_budget(0, 3, 0.05, deadline_in=5.0) == (False, False)
+    assert run_budget(0, 3, 0.05) == (False, False)  # neither budget nor deadline
+
+
+def test_the_run_budget_defaults_to_the_15_minute_target_and_can_be_lifted():
+    assert parse_args([])[0].run_time_budget_minutes == 14.5
+    assert parse_args(["--run-time-budget", "0"])[0].run_time_budget_minutes == 0
+
+
+def test_a_run_out_of_time_stops_its_budgeted_training_after_one_epoch_and_still_evaluates(tmp_path):
+    command = [sys.executable, "pipelines/train.py", "--dataset", "pipelines/examples", "--model", "cnn_gru",
+               "--preset", "tiny", "--epochs", "4", "--time-budget", "5", "--run-time-budget", "0.01",
+               "--vocab-size", "200", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Run time budget: stopping after epoch 1" in done.stdout
+    (summary,) = tmp_path.glob("*/summary.json")
+    model = json.loads(summary.read_text())["models"]["cnn_gru"]
+    assert model["epochs_run"] == 1 and model["stopped_by_time_budget"]
+    assert "fields" in model["metrics"]  # the evaluation still ran

@@ -137,6 +137,7 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     learning_rate = cfg.learning_rate or train_cfg.get("learning_rate", 1e-3)
     budget = cfg.time_budget_minutes if cfg.time_budget_minutes is not None else train_cfg.get("time_budget_minutes")
     augment = cfg.augment if cfg.augment is not None else train_cfg.get("augment", True)
+    deadline = deadline if budget else None  # the run's budget binds only models with a time budget (0 = none)
 
     set_seed(cfg.seed)
     # the custom loop runs whole global batches from an endless stream; fit() runs one pass per epoch
@@ -150,8 +151,8 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
         model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
     print(f"\n[{name}] preset {cfg.preset}: {model.count_params():,} parameters; "
           f"{epochs} epochs max x {steps} steps of {batch_size}; lr {learning_rate:g}; "
-          f"time budget {budget or 'none'} min{_deadline_note(deadline) if budget else ''}; augmentation {'on' if augment else 'off'}; {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")
-    budget_cb = TimeBudget(budget, deadline if budget else None)  # the run's budget binds budgeted models only
+          f"time budget {budget or 'none'} min{_deadline_note(deadline)}; augmentation {'on' if augment else 'off'}; {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")
+    budget_cb = TimeBudget(budget, deadline)
     backup = keras.callbacks.BackupAndRestore if chief else functools.partial(ResumeFromChief, str(model_dir / "backup"))
     callbacks = [
         backup(str(out_dir / "backup"), double_checkpoint=True),
@@ -228,8 +229,7 @@ def run_training(cfg, run_dir: Path, resumed: bool, cache_dir: Path) -> Path | N
     """Train and evaluate every requested model; return the path of report.md (None on a non-chief worker)."""
     strategy = make_strategy(cfg.distribute)  # first: MultiWorkerMirroredStrategy must precede any other TF op
     started = time.perf_counter()
-    run_budget = cfg.run_time_budget_minutes if cfg.time_budget_minutes != 0 else None
-    run_deadline = started + run_budget * 60 if run_budget else None
+    run_deadline = started + cfg.run_time_budget_minutes * 60 if cfg.run_time_budget_minutes else None
     root, splits, reports = prepare_data(cfg, cache_dir)
     tokenizer = prepare_tokenizer(cfg, run_dir, splits["train"])
     eval_split = cfg.eval_split if cfg.eval_split in splits else "valid"

@@ -59,7 +59,7 @@ PRESETS = {
         "image_config": {"image_size": 128, **GREY_IMAGE_CONFIG},
         "sequence_length": 32,
         # no augmentation: within 4 epochs it only slowed learning, as for the CNN-GRU. 7 minutes fit 5 epochs
-        # (72-83 s each after the first on 2 cores; all fields: 3 epochs 65.8%, 4 75.9%, 5 82.3%)
+        # (71-83 s each after the first on 2 cores; all fields: 3 epochs 65.8%, 4 75.9%, 5 82.3%)
         "train": {"epochs": 5, "batch_size": 32, "learning_rate": 1e-3, "time_budget_minutes": 7.0, "augment": False},
     },
     "base": {

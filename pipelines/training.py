@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import asdict
@@ -40,10 +41,10 @@ EVALUATION_RESERVE_SECONDS = 60.0  # kept for each evaluation still to come, unt
 class TimeBudget(keras.callbacks.Callback):
     """Stop after the epoch when one more epoch would overrun `minutes` of wall time, or end after `deadline`.
 
-    The next epoch is predicted to take as long as the slowest one since the first (the first also
-    traces the step and reads every file once, so it would overestimate): on a shared machine one
-    slow epoch says the next may be slow too. `deadline` is a `time.perf_counter()` value: the run's own
-    limit, which leaves time for the evaluations after training.
+    The first epoch also traces the step and reads every file once, so later ones predict the next:
+    against the model's own budget (a share of the run) the median of them, which one slow epoch on a
+    shared machine does not move; against `deadline` (a `time.perf_counter()` value, the run's hard limit,
+    which leaves time for the evaluations after training) the slowest of them.
     """
 
     def __init__(self, minutes: float | None, deadline: float | None = None):
@@ -64,12 +65,12 @@ class TimeBudget(keras.callbacks.Callback):
             return  # no budget, or the run ends here anyway: nothing was cut short
         now = time.perf_counter()
         self.epoch_seconds.append(now - self.epoch_start)
-        next_epoch = max(self.epoch_seconds[1:] or self.epoch_seconds)
-        if self.seconds and now - self.start + next_epoch > self.seconds:
+        later = self.epoch_seconds[1:] or self.epoch_seconds
+        if self.seconds and now - self.start + statistics.median(later) > self.seconds:
             print(f"\nTime budget: stopping after epoch {epoch + 1} ({(now - self.start) / 60:.1f} of {self.seconds / 60:.1f} min).")
             self.stopped_early = True
             self.model.stop_training = True
-        elif self.deadline and now + next_epoch > self.deadline:
+        elif self.deadline and now + max(later) > self.deadline:
             print(f"\nRun time budget: stopping after epoch {epoch + 1}; another would leave too little time to evaluate.")
             self.stopped_early = True
             self.model.stop_training = True

@@ -48,15 +48,19 @@ def test_time_budget_stops_only_an_epoch_that_would_overrun_and_reports_only_rea
     assert run_budget(0.5 / 60, 3, 0.2) == (True, True)  # 0.5 s budget, 0.2 s epochs: the third would overrun
     assert run_budget(0.5 / 60, 2, 0.2) == (False, False)  # the last planned epoch is not "stopped by the budget"
     assert run_budget(0, 2, 0.0) == (False, False)  # 0 = no budget
-    # The next epoch is expected to be as slow as the slowest after the first (which also traces):
-    # after 0.4 + 0.3 + 0.05 s, a 0.3 s epoch would overrun 1 s, although the last one took 0.05 s.
-    assert run_budget(1 / 60, 4, [0.4, 0.3, 0.05, 0.05]) == (True, True)
+    # Against the model's budget the next epoch takes the median of those after the first (which also traces):
+    # after 0.1 + 0.5 + 0.5 + 0.2 s another 0.5 s would pass 1.7 s although the last one took 0.2 s ...
+    assert run_budget(1.7 / 60, 6, [0.1, 0.5, 0.5, 0.2, 0.2, 0.2]) == (True, True)
+    # ... and one slow epoch does not cut the run (after 0.4 + 0.05 + 0.3 s the median is 0.175 s, the slowest 0.3 s).
+    assert run_budget(1.0 / 60, 6, [0.4, 0.05, 0.3, 0.05, 0.05, 0.05]) == (False, False)
     assert run_budget(0.9 / 60, 8, [0.4] + [0.02] * 7) == (False, False)  # a slow first epoch (tracing) is not the estimate
 
 
 def test_the_runs_deadline_stops_training_even_without_a_model_budget():
     assert run_budget(0, 5, 0.1, deadline_in=0.25) == (True, True)  # after 2 epochs a 3rd would end past it
     assert run_budget(0, 3, 0.05, deadline_in=5.0) == (False, False)
+    # against the run's hard limit the slowest later epoch counts: after 0.2 + 0.3 + 0.05 s another 0.3 s passes 0.8 s
+    assert run_budget(0, 5, [0.2, 0.3, 0.05, 0.05, 0.05], deadline_in=0.8) == (True, True)
     assert run_budget(0, 3, 0.05) == (False, False)  # neither budget nor deadline
 
 

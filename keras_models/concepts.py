@@ -13,6 +13,10 @@ the decoder's output at each step (sigmoid, one per word) times log sigmoid(word
 that the decoder opens where a word is due. The concept vector alone tells the decoder which words are likely;
 through one tanh layer it rarely turns that into the right side or size word at the right step.
 
+`ConceptTagger` trains the image path and the head alone on that task ("concept pretraining", as
+Jing et al. 2018 train their tag classifier), a few cheap epochs before the captioner: the decoder
+costs more than the encoder and, early on, teaches it little.
+
 With `grid`, the word logits also read the maximum over each quadrant of the feature map (a two-level
 spatial pyramid, He et al. 2014): global mean and max forget where a lesion is and how much of the map
 it covers, which is what side and size words need.
@@ -114,3 +118,47 @@ class ConceptHead(keras.layers.Layer):
         config.update(vocabulary_size=self.vocabulary_size, output_dim=self.output_dim, loss_weight=self.loss_weight,
                       gate_dim=self.gate_dim, grid=list(self.grid) if self.grid else None)
         return config
+
+
+@keras.saving.register_keras_serializable(package="medcap")
+class ConceptTagger(keras.Model):
+    """A captioner backbone's image path and concept head alone: `{"images", ...}` -> word logits `[B, vocab]`.
+
+    It shares the backbone's layers, so fitting it trains them. It takes the captioner preprocessor's
+    inputs (`images`, `token_ids`, `padding_mask`); its loss is the head's word loss on those captions,
+    and no part of the decoder runs. The backbone must have a concept head , `concept_features(images)` and
+    `concept_feature_layers()`.
+    """
+
+    def __init__(self, backbone: keras.Model, **kwargs):
+        super().__init__(**kwargs)
+        if getattr(backbone, "concept_head", None) is None:
+            raise ValueError("Concept pretraining needs a backbone with a concept head (concept_loss_weight > 0).")
+        self.backbone = backbone
+        self.built = backbone.built  # no weights of its own
+
+    @property
+    def trainable_weights(self) -> list:
+        """Only what the word logits depend on: the feature layers and the head's `word_logits` (no decoder)."""
+        if not self.trainable:
+            return []
+        layers_used = [*self.backbone.concept_feature_layers(), self.backbone.concept_head.word_logits]
+        return [v for layer in layers_used for v in layer.trainable_weights]
+
+    @property
+    def trainable_variables(self) -> list:
+        return self.trainable_weights
+
+    def call(self, inputs, training=None):
+        return self.backbone.concept_head.logits(self.backbone.concept_features(inputs["images"]))
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        return self.backbone.concept_head.word_loss(y_pred, x["token_ids"], x["padding_mask"])
+
+    def get_config(self) -> dict:
+        return {"name": self.name, "backbone": keras.saving.serialize_keras_object(self.backbone)}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "ConceptTagger":
+        config = dict(config, backbone=keras.saving.deserialize_keras_object(config["backbone"]))
+        return cls(**config)

@@ -97,14 +97,18 @@ def make_dataset(
 
 
 class EpochOrder(keras.callbacks.Callback):
-    """Tell a training dataset which epoch `fit()` is starting, so its order is that epoch's."""
+    """Tell a training dataset which epoch `fit()` is starting, so its order is that epoch's.
 
-    def __init__(self, epoch: tf.Variable):
+    `offset` is added: a fit that follows other passes over the same data (concept pretraining) reads
+    the orders after theirs.
+    """
+
+    def __init__(self, epoch: tf.Variable, offset: int = 0):
         super().__init__()
-        self.epoch = epoch
+        self.epoch, self.offset = epoch, offset
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch.assign(epoch)
+        self.epoch.assign(epoch + self.offset)
 
 
 def epoch_variable(first: int = 0) -> tf.Variable:

@@ -16,6 +16,13 @@ def _num(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _pretraining(info: dict | None) -> str:
+    """'3 epochs, 1.6 min' (the time is part of the train time), or 'none'."""
+    if not info:
+        return "none"
+    return f"{info['epochs']} epochs, {info['seconds'] / 60:.1f} min" if info["seconds"] else f"{info['epochs']} epochs ({info['status']})"
+
+
 def write_run_report(run_dir: Path, summary: dict) -> Path:
     """Write report.md for a finished run and return its path."""
     models = summary["models"]
@@ -31,14 +38,14 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
         "",
         "## Models",
         "",
-        "| model | preset | parameters | epochs | train time | stopped by budget | val loss | val caption loss "
-        "| val token acc |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | preset | parameters | concept pretraining | epochs | train time | stopped by budget | val loss "
+        "| val caption loss | val token acc |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in models.items():
         final = r["final"]
         lines.append(
-            f"| {name} | {r['preset']} | {r['parameters']:,} | {r['epochs_run']} | {r['train_seconds'] / 60:.1f} min "
+            f"| {name} | {r['preset']} | {r['parameters']:,} | {_pretraining(r.get('concept_pretraining'))} | {r['epochs_run']} | {r['train_seconds'] / 60:.1f} min "
             f"| {'yes' if r['stopped_by_time_budget'] else 'no'} | {_num(final.get('val_loss'))} "
             f"| {_num(final.get('val_caption_loss'))} | {_pct(final.get('val_token_accuracy'))} |"
         )

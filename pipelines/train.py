@@ -42,6 +42,7 @@ class TrainConfig:
     time_budget_minutes: float | None = None
     run_time_budget_minutes: float | None = 14.5
     augment: bool | None = None
+    concept_epochs: int | None = None
     vocabulary_size: int = 2000
     sequence_length: int | None = None
     max_train_examples: int | None = None
@@ -81,6 +82,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random rotation, zoom and contrast on training images, never a flip (default: the "
                         "preset's; off for the short small-preset runs, where it slowed learning)")
+    p.add_argument("--concept-epochs", type=int, dest="concept_epochs",
+                   help="epochs that first train the image encoder and concept head alone to predict each caption's "
+                        "words, before the captioner trains (about half a captioner epoch each on CPU; they count "
+                        "against the time budget). Default: the preset's (3 for the small ones); 0 = off")
     p.add_argument("--vocab-size", type=int, default=2000, dest="vocabulary_size",
                    help="WordPiece vocabulary size learned from the training captions")
     p.add_argument("--sequence-length", type=int, help="maximum caption length in tokens (default: the preset's)")

@@ -16,6 +16,7 @@ import keras
 import tensorflow as tf
 
 from keras_models.registry import MODELS, build_captioner, presets
+from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, pretrain_concepts
 from pipelines.dataset import EpochOrder, epoch_variable, make_dataset
 from pipelines.distributed import (
     ResumeFromChief,
@@ -47,14 +48,16 @@ class TimeBudget(keras.callbacks.Callback):
     which leaves time for the evaluations after training) the slowest of them.
     """
 
-    def __init__(self, minutes: float | None, deadline: float | None = None):
+    def __init__(self, minutes: float | None, deadline: float | None = None, start: float | None = None):
         super().__init__()
         self.seconds = (minutes or 0) * 60
         self.deadline = deadline
+        self.started = start  # when the budget began (e.g. before concept pretraining); default: when fit() starts
         self.stopped_early = False
 
     def on_train_begin(self, logs=None):
-        self.start = self.epoch_start = time.perf_counter()
+        self.epoch_start = time.perf_counter()
+        self.start = self.started if self.started is not None else self.epoch_start
         self.epoch_seconds = []
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -138,6 +141,10 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     learning_rate = cfg.learning_rate or train_cfg.get("learning_rate", 1e-3)
     budget = cfg.time_budget_minutes if cfg.time_budget_minutes is not None else train_cfg.get("time_budget_minutes")
     augment = cfg.augment if cfg.augment is not None else train_cfg.get("augment", True)
+    concept_epochs = cfg.concept_epochs if cfg.concept_epochs is not None else train_cfg.get("concept_epochs", 0)
+    if custom_loop and concept_epochs:
+        print(f"[{name}] concept pretraining does not run under multi-worker training; skipping its {concept_epochs} epochs")
+        concept_epochs = 0
     deadline = deadline if budget else None  # the run's budget binds only models with a time budget (0 = none)
 
     set_seed(cfg.seed)
@@ -150,10 +157,16 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     with strategy.scope():
         model = build_captioner(name, cfg.preset, tokenizer, sequence_length=cfg.sequence_length)
         model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
+    if concept_epochs and model.backbone.concept_head is None:
+        raise SystemExit(f"--concept-epochs {concept_epochs}: the {name} preset {cfg.preset!r} has no concept head "
+                         "to pretrain (use a preset with one, e.g. small, or --concept-epochs 0).")
     print(f"\n[{name}] preset {cfg.preset}: {model.count_params():,} parameters; "
           f"{epochs} epochs max x {steps} steps of {batch_size}; lr {learning_rate:g}; "
-          f"time budget {budget or 'none'} min{_deadline_note(deadline)}; augmentation {'on' if augment else 'off'}; {strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")
-    budget_cb = TimeBudget(budget, deadline)
+          f"time budget {budget or 'none'} min{_deadline_note(deadline)}; augmentation {'on' if augment else 'off'}; "
+          f"concept pretraining {concept_epochs or 'off'}{' epochs' if concept_epochs else ''}; "
+          f"{strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")
+    start = time.perf_counter()
+    budget_cb = TimeBudget(budget, deadline, start=start)  # concept pretraining counts against the budget
     backup = keras.callbacks.BackupAndRestore if chief else functools.partial(ResumeFromChief, str(model_dir / "backup"))
     callbacks = [
         backup(str(out_dir / "backup"), double_checkpoint=True),
@@ -165,8 +178,8 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
         budget_cb,
     ]
     data_epoch = epoch_variable()  # the training order is the epoch's, also after --resume
-    callbacks.append(EpochOrder(data_epoch))
-    start = time.perf_counter()
+    callbacks.append(EpochOrder(data_epoch, offset=concept_epochs))  # after the pretraining's passes
+    pretraining = None
     if custom_loop:
         def data(split: str, training: bool):
             return lambda ctx: make_dataset(splits[split], model.image_config, ctx.get_per_replica_batch_size(batch_size),
@@ -178,6 +191,9 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
         train_ds = make_dataset(splits["train"], model.image_config, batch_size, training=True, seed=cfg.seed,
                                 epoch=data_epoch, augment=augment)
         valid_ds = make_dataset(splits["valid"], model.image_config, batch_size, training=False)
+        if concept_epochs:
+            pretraining = pretrain_concepts(model, train_ds, concept_epochs, steps, learning_rate, out_dir, data_epoch,
+                                            strategy)
         history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - start
     model.save(out_dir / "model.keras")  # on every worker (it may read synchronised variables); only the chief's stays
@@ -187,6 +203,7 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
         "epochs_run": len(history.epoch),
         "train_seconds": round(seconds, 1),
         "stopped_by_time_budget": budget_cb.stopped_early,
+        "concept_pretraining": pretraining,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "replicas": strategy.num_replicas_in_sync,
@@ -197,6 +214,7 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     if chief:
         plot_history(model_dir / "history.csv", model_dir / "curves.png", f"{name} ({cfg.preset}) training")
         (model_dir / DONE_MARKER).write_text(json.dumps(info, indent=2))
+        (model_dir / PRETRAINED_WEIGHTS).unlink(missing_ok=True)  # the trained model now holds them
     else:
         shutil.rmtree(out_dir, ignore_errors=True)
     return {"model": model, **info}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from keras_models.concepts import ConceptHead
+from keras_models.concepts import ConceptHead, ConceptTagger
 from keras_models.registry import build_captioner
 from pipelines.text import build_vocabulary, make_tokenizer
 
@@ -176,3 +176,35 @@ def test_caption_loss_is_the_token_cross_entropy_without_the_word_loss(name, tok
     mask = np.asarray(mask, "float32")
     assert results["caption_loss"] == pytest.approx((token_ce * mask).sum() / mask.sum(), rel=1e-4)
     assert results["loss"] > 5 * results["caption_loss"]  # the untrained word loss dominates the total
+
+
+@pytest.mark.parametrize("name", ["cnn_gru", "git"])
+def test_concept_tagger_trains_the_image_path_and_word_logits_only(name, tokenizer):
+    keras.utils.set_random_seed(0)
+    model = build_captioner(name, "tiny", tokenizer, concept_loss_weight=1.0, **SMALL_HEAD)
+    size, channels = model.image_config["image_size"], model.image_config["channels"]
+    images = np.random.RandomState(0).uniform(-1, 1, (3, size, size, channels)).astype("float32")
+    x = model.preprocessor({"images": images, "captions": np.array(CAPTIONS)})[0]
+    tagger = ConceptTagger(model.backbone)
+    # its logits are the captioner's concept logits, its loss the head's word loss
+    np.testing.assert_allclose(ops.convert_to_numpy(tagger(x)),
+                               ops.convert_to_numpy(model.backbone(x)["concept_logits"]), atol=1e-5)
+    before = {id(v): ops.convert_to_numpy(v) for v in model.backbone.weights}
+    tagger.compile(optimizer=keras.optimizers.Adam(1e-2))
+    loss = tagger.fit(x, batch_size=3, epochs=5, verbose=0).history["loss"]
+    assert loss[-1] < loss[0]
+    head = model.backbone.concept_head
+    changed = {id(v) for v in model.backbone.weights if not np.array_equal(before[id(v)], ops.convert_to_numpy(v))}
+    feature_layers = model.backbone.concept_feature_layers()
+    allowed = {id(v) for layer in [*feature_layers, head.word_logits] for v in layer.weights}
+    assert changed and changed <= allowed  # no decoder, embedding, gate or concept-embedding weight moved
+    assert {id(v) for v in head.word_logits.weights} <= changed
+    assert changed & {id(v) for v in feature_layers[0].trainable_weights}
+    # the captioner reads the trained layers: same logits through it and through the tagger
+    np.testing.assert_allclose(ops.convert_to_numpy(tagger(x)),
+                               ops.convert_to_numpy(model.backbone(x)["concept_logits"]), atol=1e-5)
+
+
+def test_concept_tagger_needs_a_concept_head(tokenizer):
+    with pytest.raises(ValueError, match="concept head"):
+        ConceptTagger(build_captioner("cnn_gru", "tiny", tokenizer).backbone)

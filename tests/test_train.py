@@ -9,8 +9,13 @@ import time
 from pathlib import Path
 
 import keras
+import numpy as np
+import tensorflow as tf
 
-from keras_models.registry import presets
+from keras_models.registry import build_captioner, presets
+from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, pretrain_concepts
+from pipelines.dataset import epoch_variable
+from pipelines.text import build_vocabulary, make_tokenizer
 from pipelines.train import parse_args
 from pipelines.training import TimeBudget
 
@@ -80,3 +85,55 @@ def test_a_run_out_of_time_stops_its_budgeted_training_after_one_epoch_and_still
     model = json.loads(summary.read_text())["models"]["cnn_gru"]
     assert model["epochs_run"] == 1 and model["stopped_by_time_budget"]
     assert "fields" in model["metrics"]  # the evaluation still ran
+
+
+def weights_of(model) -> list[np.ndarray]:
+    return [np.array(w) for w in model.get_weights()]
+
+
+def test_concept_pretraining_trains_once_then_resumes_instead_of_repeating(tmp_path):
+    captions = ["ct chest left small nodule", "mri brain right large mass", "xray hand normal"]
+    tokenizer = make_tokenizer(build_vocabulary(captions * 10, 100))
+    images = np.random.RandomState(0).uniform(-1, 1, (3, 32, 32, 1)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices({"images": images, "captions": captions}).batch(3)
+
+    def attempt(seed: int):
+        keras.utils.set_random_seed(seed)
+        model = build_captioner("cnn_gru", "tiny", tokenizer, concept_loss_weight=1.0)
+        untrained = weights_of(model)
+        info = pretrain_concepts(model, data, 2, 1, 1e-2, tmp_path, epoch_variable(), tf.distribute.get_strategy())
+        return model, untrained, info
+
+    first, untrained, info = attempt(0)
+    assert info["status"] == "trained" and info["epochs"] == 2 and info["word_loss"] > 0
+    assert len((tmp_path / "concept_history.csv").read_text().splitlines()) == 1 + 2  # header + one row per epoch
+    assert any(not np.array_equal(a, b) for a, b in zip(untrained, weights_of(first)))
+    assert (tmp_path / PRETRAINED_WEIGHTS).is_file() and not (tmp_path / "backup_concepts").exists()
+
+    # killed before the captioner's first backup: the finished pretraining is loaded, not repeated
+    second, untrained, info = attempt(1)
+    assert info["status"].startswith("loaded") and info["seconds"] == 0
+    for a, b in zip(weights_of(first), weights_of(second)):
+        np.testing.assert_array_equal(a, b)
+
+    # once the captioner has its own backup, that restores every weight: nothing to do here
+    (tmp_path / "backup").mkdir()
+    third, untrained, info = attempt(2)
+    assert info["status"].startswith("restored")
+    for a, b in zip(untrained, weights_of(third)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_concept_pretraining_is_a_preset_default_the_command_line_overrides():
+    assert parse_args([])[0].concept_epochs is None  # the preset decides
+    assert parse_args(["--concept-epochs", "0"])[0].concept_epochs == 0
+    assert presets("cnn_gru")["small"]["train"]["concept_epochs"] > 0
+    assert presets("cnn_gru")["tiny"]["train"].get("concept_epochs", 0) == 0  # tiny has no concept head
+
+
+def test_concept_epochs_on_a_preset_without_a_concept_head_stop_with_a_clear_message(tmp_path):
+    command = [sys.executable, "pipelines/train.py", "--dataset", "pipelines/examples", "--model", "cnn_gru",
+               "--preset", "tiny", "--epochs", "1", "--concept-epochs", "2", "--vocab-size", "200", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "has no concept head" in done.stderr and "Traceback" not in done.stderr

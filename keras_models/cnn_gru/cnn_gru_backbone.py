@@ -96,6 +96,14 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         self.concept_loss_weight, self.concept_word_bias = concept_loss_weight, concept_word_bias
         self.concept_quadrants = concept_quadrants
 
+    def concept_features(self, images):
+        """What the concept head reads: the image encoder's feature map `[B, h*w, feature_dim]`."""
+        return self.image_encoder(images)
+
+    def concept_feature_layers(self) -> list:
+        """The layers `concept_features` runs (what concept pretraining trains, with the head)."""
+        return [self.image_encoder]
+
     def concepts(self, features):
         """(concept vector, word logits) for image features; (None, None) without a concept head."""
         return self.concept_head(features, return_logits=True) if self.concept_head else (None, None)

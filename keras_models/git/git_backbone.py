@@ -192,12 +192,20 @@ class GitBackbone(keras_hub.models.Backbone):
         `token_ids` and `padding_mask` are the captions the concept head learns from in training.
         With `return_concept_logits`: (tokens, the concept head's word logits `[B, vocab]` or None).
         """
-        tokens = self.image_projection_norm(self.image_projection(self.vision_encoder(images)))
+        tokens = self.concept_features(images)
         concept_logits = None
         if self.concept_head is not None:
             concepts, concept_logits = self.concept_head(tokens, token_ids, padding_mask, return_logits=True)
             tokens = ops.concatenate([tokens, ops.expand_dims(concepts, 1)], axis=1)
         return (tokens, concept_logits) if return_concept_logits else tokens
+
+    def concept_features(self, images):
+        """Projected image tokens `[B, N, hidden_dim]` without the concept token: what the concept head reads."""
+        return self.image_projection_norm(self.image_projection(self.vision_encoder(images)))
+
+    def concept_feature_layers(self) -> list:
+        """The layers `concept_features` runs (what concept pretraining trains, with the head)."""
+        return [self.vision_encoder, self.image_projection, self.image_projection_norm]
 
     def embed_text(self, token_ids, start_index=0):
         """Token ids `[B, T]` at text positions `start_index...` -> normalised embeddings `[B, T, hidden_dim]`."""

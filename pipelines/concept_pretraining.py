@@ -1,0 +1,66 @@
+"""Concept pretraining: a few epochs that train a captioner's image path alone, before the captioner.
+
+`keras_models.concepts.ConceptTagger` fits the image encoder and the concept head to predict which
+words each training caption uses. An epoch of it costs about half a captioner epoch on CPU (no decoder
+runs), and on the synthetic set 3 such epochs before 4 captioner epochs beat 5 captioner epochs
+(all fields 87.2% -> 90.6%, README "Status"). The captioner then starts from the trained encoder and head.
+
+Resuming loses at most one epoch: the tagger has its own backup while it trains, and its weights are
+kept once it has finished until the captioner's own backup takes over.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from keras_models.concepts import ConceptTagger
+from pipelines.dataset import EpochOrder
+
+PRETRAINED_WEIGHTS = "concepts_pretrained.weights.h5"
+
+
+def pretrain_concepts(model, train_ds: tf.data.Dataset, epochs: int, steps: int, learning_rate: float,
+                      out_dir: Path, data_epoch: tf.Variable, strategy: tf.distribute.Strategy) -> dict:
+    """Fit `model`'s image path and concept head for `epochs` on the captions' words; return what happened.
+
+    `train_ds` yields the `{"images", "captions"}` batches the captioner trains on (tokenized here by its
+    preprocessor); `steps` per epoch set the learning-rate schedule (warm-up then cosine decay, as the
+    captioner's). Skipped when `out_dir` already holds the captioner's backup (a resumed run restores
+    those weights); reloaded from `out_dir` when an earlier attempt finished it.
+    """
+    weights = out_dir / PRETRAINED_WEIGHTS
+    if (out_dir / "backup").exists():
+        return {"epochs": epochs, "seconds": 0.0, "status": "restored with the captioner's backup"}
+    if weights.is_file():
+        model.load_weights(weights)
+        return {"epochs": epochs, "seconds": 0.0, "status": f"loaded from {weights.name}"}
+    schedule = keras.optimizers.schedules.CosineDecay(
+        learning_rate / 10, decay_steps=max(1, epochs * steps), warmup_target=learning_rate,
+        warmup_steps=min(steps, 200), alpha=0.05,
+    )
+    with strategy.scope():
+        tagger = ConceptTagger(model.backbone, name="concept_tagger")
+        tagger.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
+    inputs = train_ds.map(lambda batch: (model.preprocessor(batch)[0],), num_parallel_calls=tf.data.AUTOTUNE)
+    print(f"concept pretraining: {epochs} epochs of the image encoder and concept head alone (no decoder)")
+    start = time.perf_counter()
+    history = tagger.fit(
+        inputs,
+        epochs=epochs,
+        verbose=2,
+        callbacks=[
+            keras.callbacks.BackupAndRestore(str(out_dir / "backup_concepts")),
+            keras.callbacks.CSVLogger(str(out_dir / "concept_history.csv"), append=True),
+            EpochOrder(data_epoch),
+        ],
+    )
+    seconds = time.perf_counter() - start
+    model.save_weights(weights)
+    losses = history.history.get("loss", [])
+    print(f"concept pretraining: {len(losses)} epochs in {seconds / 60:.1f} min")
+    return {"epochs": epochs, "seconds": round(seconds, 1), "status": "trained",
+            **({"word_loss": round(float(losses[-1]), 4)} if losses else {})}

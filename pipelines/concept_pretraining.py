@@ -24,13 +24,15 @@ PRETRAINED_WEIGHTS = "concepts_pretrained.weights.h5"
 
 
 def pretrain_concepts(model, train_ds: tf.data.Dataset, epochs: int, steps: int, learning_rate: float,
-                      out_dir: Path, data_epoch: tf.Variable, strategy: tf.distribute.Strategy) -> dict:
+                      out_dir: Path, data_epoch: tf.Variable, strategy: tf.distribute.Strategy,
+                      callbacks: list | None = None) -> dict:
     """Fit `model`'s image path and concept head for `epochs` on the captions' words; return what happened.
 
     `train_ds` yields the `{"images", "captions"}` batches the captioner trains on (tokenized here by its
     preprocessor); `steps` per epoch set the learning-rate schedule (warm-up then cosine decay, as the
     captioner's). Skipped when `out_dir` already holds the captioner's backup (a resumed run restores
-    those weights); reloaded from `out_dir` when an earlier attempt finished it.
+    those weights); reloaded from `out_dir` when an earlier attempt finished it. `callbacks` join the
+    fit (`pipelines.training.TimeBudget` stops it on a machine too slow for the model's budget).
     """
     weights = out_dir / PRETRAINED_WEIGHTS
     if (out_dir / "backup").exists():
@@ -56,11 +58,13 @@ def pretrain_concepts(model, train_ds: tf.data.Dataset, epochs: int, steps: int,
             keras.callbacks.BackupAndRestore(str(out_dir / "backup_concepts")),
             keras.callbacks.CSVLogger(str(out_dir / "concept_history.csv"), append=True),
             EpochOrder(data_epoch),
+            *(callbacks or []),
         ],
     )
     seconds = time.perf_counter() - start
     model.save_weights(weights)
     losses = history.history.get("loss", [])
-    print(f"concept pretraining: {len(losses)} epochs in {seconds / 60:.1f} min")
-    return {"epochs": epochs, "seconds": round(seconds, 1), "status": "trained",
+    done = history.epoch[-1] + 1 if history.epoch else 0  # a resumed fit numbers its epochs from where it resumed
+    print(f"concept pretraining: {done} epochs, {seconds / 60:.1f} min")
+    return {"epochs": done, "seconds": round(seconds, 1), "status": "trained",
             **({"word_loss": round(float(losses[-1]), 4)} if losses else {})}

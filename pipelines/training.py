@@ -166,7 +166,8 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
           f"concept pretraining {concept_epochs or 'off'}{' epochs' if concept_epochs else ''}; "
           f"{strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")
     start = time.perf_counter()
-    budget_cb = TimeBudget(budget, deadline, start=start)  # concept pretraining counts against the budget
+    # concept pretraining counts against the model's budget, and may use at most half of it
+    budget_cb = TimeBudget(budget, deadline, start=start)
     backup = keras.callbacks.BackupAndRestore if chief else functools.partial(ResumeFromChief, str(model_dir / "backup"))
     callbacks = [
         backup(str(out_dir / "backup"), double_checkpoint=True),
@@ -193,7 +194,7 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
         valid_ds = make_dataset(splits["valid"], model.image_config, batch_size, training=False)
         if concept_epochs:
             pretraining = pretrain_concepts(model, train_ds, concept_epochs, steps, learning_rate, out_dir, data_epoch,
-                                            strategy)
+                                            strategy, callbacks=[TimeBudget(budget and budget / 2, deadline, start=start)])
         history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - start
     model.save(out_dir / "model.keras")  # on every worker (it may read synchronised variables); only the chief's stays

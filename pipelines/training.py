@@ -166,7 +166,7 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
           f"concept pretraining {concept_epochs or 'off'}{' epochs' if concept_epochs else ''}; "
           f"{strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")
     start = time.perf_counter()
-    # concept pretraining counts against the model's budget, and may use at most half of it
+    # concept pretraining counts against the model's budget (and may use at most its share by epoch count)
     budget_cb = TimeBudget(budget, deadline, start=start)
     backup = keras.callbacks.BackupAndRestore if chief else functools.partial(ResumeFromChief, str(model_dir / "backup"))
     callbacks = [
@@ -193,8 +193,9 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
                                 epoch=data_epoch, augment=augment)
         valid_ds = make_dataset(splits["valid"], model.image_config, batch_size, training=False)
         if concept_epochs:
+            share = budget and budget * concept_epochs / (concept_epochs + epochs)  # its share by epoch count
             pretraining = pretrain_concepts(model, train_ds, concept_epochs, steps, learning_rate, out_dir, data_epoch,
-                                            strategy, callbacks=[TimeBudget(budget and budget / 2, deadline, start=start)])
+                                            strategy, callbacks=[TimeBudget(share, deadline, start=start)])
         history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - start
     model.save(out_dir / "model.keras")  # on every worker (it may read synchronised variables); only the chief's stays

@@ -3,7 +3,8 @@
     python -m benchmarks.training                                # every preset of both models
     python -m benchmarks.training --presets git:small cnn_gru:small --steps 10
 
-Each preset's captioner is built as `pipelines/train.py` builds it (the preset's batch size,
+Presets with a concept head also time a concept pretraining step (`ConceptTagger`: the image
+encoder and the head alone) on the same batch. Each preset's captioner is built as `pipelines/train.py` builds it (the preset's batch size,
 AdamW, the default loss) and `fit` runs on one batch of random images and real captions held in
 memory, so only the step is timed: `--steps` steps after a warm-up epoch that traces and compiles.
 The default run's wall time (`python pipelines/train.py`: synthetic set, both models, small
@@ -52,19 +53,42 @@ def build(model: str, preset: str, captions: list[str]):
     return captioner, presets(model)[preset].get("train", {}).get("batch_size", 32)
 
 
-def step_rate(captioner, batch_size: int, steps: int, captions: list[str]) -> float:
-    """Examples per second of `fit` steps on one in-memory batch (after one warm-up epoch)."""
+def one_batch(captioner, batch_size: int, captions: list[str]):
+    """One cached batch of random images and real captions, as the training pipeline yields them."""
     import tensorflow as tf
 
     config = captioner.image_config
     rng = np.random.default_rng(0)
     images = rng.standard_normal((batch_size, config["image_size"], config["image_size"], config["channels"]))
     texts = [captions[i % len(captions)] for i in range(batch_size)]
-    batch = tf.data.Dataset.from_tensors({"images": images.astype("float32"), "captions": texts}).cache()
-    captioner.fit(batch.repeat(2), epochs=1, verbose=0)  # trace, compile, build the optimizer
+    return tf.data.Dataset.from_tensors({"images": images.astype("float32"), "captions": texts}).cache()
+
+
+def timed_fit(model, batch, steps: int, batch_size: int) -> float:
+    """Examples per second of `fit` steps on `batch` repeated (after a warm-up epoch that traces and compiles)."""
+    model.fit(batch.repeat(2), epochs=1, verbose=0)
     started = time.perf_counter()
-    captioner.fit(batch.repeat(steps), epochs=1, verbose=0)
+    model.fit(batch.repeat(steps), epochs=1, verbose=0)
     return steps * batch_size / (time.perf_counter() - started)
+
+
+def step_rate(captioner, batch_size: int, steps: int, captions: list[str]) -> float:
+    """Examples per second of the captioner's `fit` steps on one in-memory batch."""
+    return timed_fit(captioner, one_batch(captioner, batch_size, captions), steps, batch_size)
+
+
+def concept_step_rate(captioner, batch_size: int, steps: int, captions: list[str]) -> float | None:
+    """Examples per second of a concept pretraining step (`ConceptTagger`), or None without a concept head."""
+    import keras
+
+    from keras_models.concepts import ConceptTagger
+
+    if captioner.backbone.concept_head is None:
+        return None
+    tagger = ConceptTagger(captioner.backbone)
+    tagger.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=1e-4, clipnorm=1.0))
+    batch = one_batch(captioner, batch_size, captions).map(lambda b: (captioner.preprocessor(b)[0],)).cache()
+    return timed_fit(tagger, batch, steps, batch_size)
 
 
 def default_run_seconds(runs: Path) -> dict | None:
@@ -107,15 +131,17 @@ def main(argv: list[str] | None = None) -> int:
         captioner, batch_size = build(model, preset, captions)
         steps = max(2, args.steps if captioner.count_params() < 50e6 else args.steps // 4)  # git:base is slow
         rate = step_rate(captioner, batch_size, steps, captions)
+        concept_rate = concept_step_rate(captioner, batch_size, steps, captions)
         rows.append({"model": model, "preset": preset, "parameters": int(captioner.count_params()),
                      "batch_size": batch_size, "image_size": captioner.image_config["image_size"],
-                     "steps": steps, "examples_per_second": rate})
-        print(f"{model}:{preset}: {rate:.1f} examples/s", flush=True)
+                     "steps": steps, "examples_per_second": rate, "concept_pretraining_examples_per_second": concept_rate})
+        print(f"{model}:{preset}: {rate:.1f} examples/s"
+              + (f"; concept pretraining {concept_rate:.1f} ({concept_rate / rate:.2f}x)" if concept_rate else ""), flush=True)
         del captioner
     print(f"\nTraining step throughput ({args.steps} steps after a warm-up epoch, in-memory batch):\n")
-    print_table(["model", "preset", "parameters", "image size", "batch", "examples/s"],
+    print_table(["model", "preset", "parameters", "image size", "batch", "examples/s", "concept pretraining examples/s"],
                 [[r["model"], r["preset"], f"{r['parameters']:,}", r["image_size"], r["batch_size"],
-                  r["examples_per_second"]] for r in rows])
+                  r["examples_per_second"], r["concept_pretraining_examples_per_second"] or "-"] for r in rows])
     if default_run:
         print(f"\nDefault `python pipelines/train.py` (run {default_run['run']}): "
               f"{default_run['wall_seconds'] / 60:.1f} min wall; " + ", ".join(

@@ -126,7 +126,7 @@ class ConceptTagger(keras.Model):
 
     It shares the backbone's layers, so fitting it trains them. It takes the captioner preprocessor's
     inputs (`images`, `token_ids`, `padding_mask`); its loss is the head's word loss on those captions,
-    and no part of the decoder runs. The backbone must have a concept head , `concept_features(images)` and
+    and no part of the decoder runs. The backbone must have a concept head, `concept_features(images)` and
     `concept_feature_layers()`.
     """
 

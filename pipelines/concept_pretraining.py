@@ -3,7 +3,8 @@
 `keras_models.concepts.ConceptTagger` fits the image encoder and the concept head to predict which
 words each training caption uses. An epoch of it costs about half a captioner epoch on CPU (no decoder
 runs), and on the synthetic set 3 such epochs before 4 captioner epochs beat 5 captioner epochs
-(all fields 87.2% -> 90.6%, README "Status"). The captioner then starts from the trained encoder and head.
+(all fields 87.2% -> 90.6%, README "Status"). The captioner then starts from the trained encoder and head
+of the pretraining epoch with the lowest validation word loss.
 
 Resuming loses at most one epoch: the tagger has its own backup while it trains, and its weights are
 kept once it has finished until the captioner's own backup takes over.
@@ -23,14 +24,16 @@ from pipelines.dataset import EpochOrder
 PRETRAINED_WEIGHTS = "concepts_pretrained.weights.h5"
 
 
-def pretrain_concepts(model, train_ds: tf.data.Dataset, epochs: int, steps: int, learning_rate: float,
-                      out_dir: Path, data_epoch: tf.Variable, strategy: tf.distribute.Strategy,
+def pretrain_concepts(model, train_ds: tf.data.Dataset, valid_ds: tf.data.Dataset, epochs: int, steps: int,
+                      learning_rate: float, out_dir: Path, data_epoch: tf.Variable, strategy: tf.distribute.Strategy,
                       callbacks: list | None = None) -> dict:
     """Fit `model`'s image path and concept head for `epochs` on the captions' words; return what happened.
 
-    `train_ds` yields the `{"images", "captions"}` batches the captioner trains on (tokenized here by its
-    preprocessor); `steps` per epoch set the learning-rate schedule (warm-up then cosine decay, as the
-    captioner's). Skipped when `out_dir` already holds the captioner's backup (a resumed run restores
+    `train_ds` and `valid_ds` yield the `{"images", "captions"}` batches the captioner trains and validates
+    on (tokenized here by its preprocessor); `steps` per epoch set the learning-rate schedule (warm-up then
+    cosine decay, as the captioner's). It stops as soon as the validation word loss rises and keeps the
+    best epoch's weights: on small real sets the word loss overfits within a few epochs, and an encoder
+    pretrained past that point made the CNN-GRU's captions worse. Skipped when `out_dir` already holds the captioner's backup (a resumed run restores
     those weights); reloaded from `out_dir` when an earlier attempt finished it. `callbacks` join the
     fit (`pipelines.training.TimeBudget` stops it on a machine too slow for the model's budget).
     """
@@ -47,24 +50,30 @@ def pretrain_concepts(model, train_ds: tf.data.Dataset, epochs: int, steps: int,
     with strategy.scope():
         tagger = ConceptTagger(model.backbone, name="concept_tagger")
         tagger.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
-    inputs = train_ds.map(lambda batch: (model.preprocessor(batch)[0],), num_parallel_calls=tf.data.AUTOTUNE)
+    def inputs(ds: tf.data.Dataset) -> tf.data.Dataset:
+        return ds.map(lambda batch: (model.preprocessor(batch)[0],), num_parallel_calls=tf.data.AUTOTUNE)
+
+    best = keras.callbacks.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True)
     print(f"concept pretraining: {epochs} epochs of the image encoder and concept head alone (no decoder)")
     start = time.perf_counter()
     history = tagger.fit(
-        inputs,
+        inputs(train_ds),
+        validation_data=inputs(valid_ds),
         epochs=epochs,
         verbose=2,
         callbacks=[
             keras.callbacks.BackupAndRestore(str(out_dir / "backup_concepts")),
             keras.callbacks.CSVLogger(str(out_dir / "concept_history.csv"), append=True),
             EpochOrder(data_epoch),
+            best,
             *(callbacks or []),
         ],
     )
     seconds = time.perf_counter() - start
     model.save_weights(weights)
-    losses = history.history.get("loss", [])
     done = history.epoch[-1] + 1 if history.epoch else 0  # a resumed fit numbers its epochs from where it resumed
-    print(f"concept pretraining: {done} epochs, {seconds / 60:.1f} min")
-    return {"epochs": done, "seconds": round(seconds, 1), "status": "trained",
-            **({"word_loss": round(float(losses[-1]), 4)} if losses else {})}
+    kept = best.best_epoch + 1 if history.epoch else 0
+    print(f"concept pretraining: {done} epochs, {seconds / 60:.1f} min; keeping epoch {kept} "
+          f"(validation word loss {best.best:.3f})")
+    return {"epochs": done, "best_epoch": kept, "seconds": round(seconds, 1), "status": "trained",
+            **({"val_word_loss": round(float(best.best), 4)} if history.epoch else {})}

@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     cfg = TrainConfig(**vars(args))
     if synthetic_size:
         cfg.synthetic = dict(zip(("n_train", "n_valid", "n_test"), synthetic_size))
+    if cfg.concept_epochs is not None and cfg.concept_epochs < 0:
+        p.error(f"--concept-epochs must be 0 or more, got {cfg.concept_epochs}")
     if cfg.distribute == "multi-worker" and not (cfg.dataset and (cfg.run_dir or resume)):
         p.error("--distribute multi-worker needs --dataset and --run-dir: every worker must read the same data "
                 "and the chief's run directory (make a synthetic set once with python -m pipelines.synthetic)")

@@ -194,8 +194,8 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
         valid_ds = make_dataset(splits["valid"], model.image_config, batch_size, training=False)
         if concept_epochs:
             share = budget and budget * concept_epochs / (concept_epochs + epochs)  # its share by epoch count
-            pretraining = pretrain_concepts(model, train_ds, concept_epochs, steps, learning_rate, out_dir, data_epoch,
-                                            strategy, callbacks=[TimeBudget(share, deadline, start=start)])
+            pretraining = pretrain_concepts(model, train_ds, valid_ds, concept_epochs, steps, learning_rate, out_dir,
+                                            data_epoch, strategy, callbacks=[TimeBudget(share, deadline, start=start)])
         history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - start
     model.save(out_dir / "model.keras")  # on every worker (it may read synchronised variables); only the chief's stays

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from keras_models.registry import build_captioner, presets
@@ -101,11 +102,12 @@ def test_concept_pretraining_trains_once_then_resumes_instead_of_repeating(tmp_p
         keras.utils.set_random_seed(seed)
         model = build_captioner("cnn_gru", "tiny", tokenizer, concept_loss_weight=1.0)
         untrained = weights_of(model)
-        info = pretrain_concepts(model, data, 2, 1, 1e-2, tmp_path, epoch_variable(), tf.distribute.get_strategy())
+        info = pretrain_concepts(model, data, data, 2, 1, 1e-2, tmp_path, epoch_variable(), tf.distribute.get_strategy())
         return model, untrained, info
 
     first, untrained, info = attempt(0)
-    assert info["status"] == "trained" and info["epochs"] == 2 and info["word_loss"] > 0
+    # training on its validation data, the word loss only falls: both epochs run, the last is kept
+    assert info["status"] == "trained" and info["epochs"] == info["best_epoch"] == 2 and info["val_word_loss"] > 0
     assert len((tmp_path / "concept_history.csv").read_text().splitlines()) == 1 + 2  # header + one row per epoch
     assert any(not np.array_equal(a, b) for a, b in zip(untrained, weights_of(first)))
     assert (tmp_path / PRETRAINED_WEIGHTS).is_file() and not (tmp_path / "backup_concepts").exists()
@@ -127,6 +129,8 @@ def test_concept_pretraining_trains_once_then_resumes_instead_of_repeating(tmp_p
 def test_concept_pretraining_is_a_preset_default_the_command_line_overrides():
     assert parse_args([])[0].concept_epochs is None  # the preset decides
     assert parse_args(["--concept-epochs", "0"])[0].concept_epochs == 0
+    with pytest.raises(SystemExit):
+        parse_args(["--concept-epochs", "-1"])
     assert presets("cnn_gru")["small"]["train"]["concept_epochs"] > 0
     assert presets("cnn_gru")["tiny"]["train"].get("concept_epochs", 0) == 0  # tiny has no concept head
 
@@ -137,3 +141,28 @@ def test_concept_epochs_on_a_preset_without_a_concept_head_stop_with_a_clear_mes
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode != 0
     assert "has no concept head" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_concept_pretraining_keeps_the_epoch_with_the_lowest_validation_word_loss(tmp_path):
+    # the validation captions use the vocabulary's other words and none of the training ones: each step on
+    # the training words makes the validation word loss worse, so epoch 1 is the best and epoch 2 the last
+    train_caps = ["ct chest left nodule", "mri brain right mass"]
+    valid_caps = ["xray hand normal ultrasound thyroid cyst"] * 2
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = make_tokenizer(specials + " ".join(train_caps + valid_caps[:1]).split())
+    images = np.random.RandomState(0).uniform(-1, 1, (2, 32, 32, 1)).astype("float32")
+    train = tf.data.Dataset.from_tensor_slices({"images": images, "captions": train_caps}).batch(2)
+    valid = tf.data.Dataset.from_tensor_slices({"images": images, "captions": valid_caps}).batch(2)
+
+    def pretrained(epochs: int, out: Path):
+        out.mkdir()
+        keras.utils.set_random_seed(0)
+        model = build_captioner("cnn_gru", "tiny", tokenizer, concept_loss_weight=1.0)
+        info = pretrain_concepts(model, train, valid, epochs, 1, 1e-2, out, epoch_variable(), tf.distribute.get_strategy())
+        return model, info
+
+    stopped, info = pretrained(5, tmp_path / "a")
+    assert info["epochs"] == 2 and info["best_epoch"] == 1
+    one_epoch, _ = pretrained(1, tmp_path / "b")  # the same first epoch, with nothing to stop
+    for a, b in zip(weights_of(one_epoch), weights_of(stopped)):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -22,6 +22,7 @@ from keras_models.concepts import ConceptTagger
 from pipelines.dataset import EpochOrder
 
 PRETRAINED_WEIGHTS = "concepts_pretrained.weights.h5"
+VALIDATION_IMAGES = 256  # enough to see the word loss turn; the full synthetic valid split would add ~30 s a run
 
 
 def pretrain_concepts(model, train_ds: tf.data.Dataset, valid_ds: tf.data.Dataset, epochs: int, steps: int,
@@ -32,7 +33,7 @@ def pretrain_concepts(model, train_ds: tf.data.Dataset, valid_ds: tf.data.Datase
     `train_ds` and `valid_ds` yield the `{"images", "captions"}` batches the captioner trains and validates
     on (tokenized here by its preprocessor); `steps` per epoch set the learning-rate schedule (warm-up then
     cosine decay, as the captioner's). It stops as soon as the validation word loss rises and keeps the
-    best epoch's weights: on small real sets the word loss overfits within a few epochs, and an encoder
+    best epoch's weights (`pipelines.training` validates on the first `VALIDATION_IMAGES` images): on small real sets the word loss overfits within a few epochs, and an encoder
     pretrained past that point made the CNN-GRU's captions worse. Skipped when `out_dir` already holds the captioner's backup (a resumed run restores
     those weights); reloaded from `out_dir` when an earlier attempt finished it. `callbacks` join the
     fit (`pipelines.training.TimeBudget` stops it on a machine too slow for the model's budget).

@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from keras_models.registry import MODELS, build_captioner, presets
-from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, pretrain_concepts
+from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, VALIDATION_IMAGES, pretrain_concepts
 from pipelines.dataset import EpochOrder, epoch_variable, make_dataset
 from pipelines.distributed import (
     ResumeFromChief,
@@ -194,8 +194,11 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
         valid_ds = make_dataset(splits["valid"], model.image_config, batch_size, training=False)
         if concept_epochs:
             share = budget and budget * concept_epochs / (concept_epochs + epochs)  # its share by epoch count
-            pretraining = pretrain_concepts(model, train_ds, valid_ds, concept_epochs, steps, learning_rate, out_dir,
-                                            data_epoch, strategy, callbacks=[TimeBudget(share, deadline, start=start)])
+            valid = splits["valid"]
+            valid = valid.head(VALIDATION_IMAGES) if isinstance(valid, ShardedSplit) else valid[:VALIDATION_IMAGES]
+            pretraining = pretrain_concepts(model, train_ds, make_dataset(valid, model.image_config, batch_size),
+                                            concept_epochs, steps, learning_rate, out_dir, data_epoch, strategy,
+                                            callbacks=[TimeBudget(share, deadline, start=start)])
         history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - start
     model.save(out_dir / "model.keras")  # on every worker (it may read synchronised variables); only the chief's stays

@@ -166,3 +166,19 @@ def test_concept_pretraining_keeps_the_epoch_with_the_lowest_validation_word_los
     one_epoch, _ = pretrained(1, tmp_path / "b")  # the same first epoch, with nothing to stop
     for a, b in zip(weights_of(one_epoch), weights_of(stopped)):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_a_small_preset_run_pretrains_concepts_then_trains_and_reports_it(tmp_path):
+    command = [sys.executable, "pipelines/train.py", "--dataset", "pipelines/examples", "--model", "cnn_gru",
+               "--epochs", "1", "--concept-epochs", "1", "--time-budget", "0", "--vocab-size", "200",
+               "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "concept pretraining: 1 epochs" in done.stdout
+    (run,) = [p.parent for p in tmp_path.glob("*/summary.json")]
+    model = json.loads((run / "summary.json").read_text())["models"]["cnn_gru"]
+    assert model["concept_pretraining"]["status"] == "trained" and model["concept_pretraining"]["best_epoch"] == 1
+    assert model["epochs_run"] == 1 and "fields" in model["metrics"]
+    assert len((run / "cnn_gru" / "concept_history.csv").read_text().splitlines()) == 2
+    assert not (run / "cnn_gru" / PRETRAINED_WEIGHTS).exists()  # the finished model holds them
+    assert "| 1 epochs, " in (run / "report.md").read_text()

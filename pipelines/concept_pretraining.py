@@ -25,18 +25,19 @@ PRETRAINED_WEIGHTS = "concepts_pretrained.weights.h5"
 VALIDATION_IMAGES = 256  # enough to see the word loss turn; the full synthetic valid split would add ~30 s a run
 
 
-def pretrain_concepts(model, train_ds: tf.data.Dataset, valid_ds: tf.data.Dataset, epochs: int, steps: int,
-                      learning_rate: float, out_dir: Path, data_epoch: tf.Variable, strategy: tf.distribute.Strategy,
-                      callbacks: list | None = None) -> dict:
+def pretrain_concepts(model, train_ds: tf.data.Dataset, valid_ds: tf.data.Dataset, epochs: int,
+                      schedule: keras.optimizers.schedules.LearningRateSchedule, out_dir: Path, data_epoch: tf.Variable,
+                      strategy: tf.distribute.Strategy, callbacks: list | None = None) -> dict:
     """Fit `model`'s image path and concept head for `epochs` on the captions' words; return what happened.
 
     `train_ds` and `valid_ds` yield the `{"images", "captions"}` batches the captioner trains and validates
-    on (tokenized here by its preprocessor); `steps` per epoch set the learning-rate schedule (warm-up then
-    cosine decay, as the captioner's). It stops as soon as the validation word loss rises and keeps the
-    best epoch's weights (`pipelines.training` validates on the first `VALIDATION_IMAGES` images): on small real sets the word loss overfits within a few epochs, and an encoder
-    pretrained past that point made the CNN-GRU's captions worse. Skipped when `out_dir` already holds the captioner's backup (a resumed run restores
-    those weights); reloaded from `out_dir` when an earlier attempt finished it. `callbacks` join the
-    fit (`pipelines.training.TimeBudget` stops it on a machine too slow for the model's budget).
+    on (tokenized here by its preprocessor; `pipelines.training` validates on the first `VALIDATION_IMAGES`
+    images); `schedule` is the learning rate over its `epochs`. It stops as soon as the validation word loss
+    rises and keeps the best epoch's weights, a guard against an encoder pretrained into overfitting (on the
+    synthetic set and the ROCO sample the loss fell in every epoch). Skipped when `out_dir` already holds the
+    captioner's backup (a resumed run restores those weights); reloaded from `out_dir` when an earlier
+    attempt finished it. `callbacks` join the fit (`pipelines.training.TimeBudget` stops it on a machine
+    too slow for the model's budget).
     """
     weights = out_dir / PRETRAINED_WEIGHTS
     if (out_dir / "backup").exists():
@@ -44,13 +45,10 @@ def pretrain_concepts(model, train_ds: tf.data.Dataset, valid_ds: tf.data.Datase
     if weights.is_file():
         model.load_weights(weights)
         return {"epochs": epochs, "seconds": 0.0, "status": f"loaded from {weights.name}"}
-    schedule = keras.optimizers.schedules.CosineDecay(
-        learning_rate / 10, decay_steps=max(1, epochs * steps), warmup_target=learning_rate,
-        warmup_steps=min(steps, 200), alpha=0.05,
-    )
     with strategy.scope():
         tagger = ConceptTagger(model.backbone, name="concept_tagger")
         tagger.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
+
     def inputs(ds: tf.data.Dataset) -> tf.data.Dataset:
         return ds.map(lambda batch: (model.preprocessor(batch)[0],), num_parallel_calls=tf.data.AUTOTUNE)
 

@@ -79,6 +79,14 @@ class TimeBudget(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def warmup_cosine(learning_rate: float, epochs: int, steps: int) -> keras.optimizers.schedules.LearningRateSchedule:
+    """Warm up from a tenth of `learning_rate` over one epoch (at most 200 steps), then cosine decay to 5%."""
+    return keras.optimizers.schedules.CosineDecay(
+        learning_rate / 10, decay_steps=max(1, epochs * steps), warmup_target=learning_rate,
+        warmup_steps=min(steps, 200), alpha=0.05,
+    )
+
+
 def prepare_data(cfg, cache_dir: Path) -> tuple[Path | str, dict, dict]:
     """The dataset root, its validated splits (records, or shards of a TFRecord dataset) and their reports."""
     tfrecords = bool(cfg.dataset) and is_tfrecord_dataset(cfg.dataset)
@@ -150,10 +158,7 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     set_seed(cfg.seed)
     # the custom loop runs whole global batches from an endless stream; fit() runs one pass per epoch
     steps = max(1, len(splits["train"]) // batch_size) if custom_loop else -(-len(splits["train"]) // batch_size)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        learning_rate / 10, decay_steps=max(1, epochs * steps), warmup_target=learning_rate,
-        warmup_steps=min(steps, 200), alpha=0.05,
-    )
+    schedule = warmup_cosine(learning_rate, epochs, steps)
     with strategy.scope():
         model = build_captioner(name, cfg.preset, tokenizer, sequence_length=cfg.sequence_length)
         model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
@@ -197,8 +202,8 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
             valid = splits["valid"]
             valid = valid.head(VALIDATION_IMAGES) if isinstance(valid, ShardedSplit) else valid[:VALIDATION_IMAGES]
             pretraining = pretrain_concepts(model, train_ds, make_dataset(valid, model.image_config, batch_size),
-                                            concept_epochs, steps, learning_rate, out_dir, data_epoch, strategy,
-                                            callbacks=[TimeBudget(share, deadline, start=start)])
+                                            concept_epochs, warmup_cosine(learning_rate, concept_epochs, steps),
+                                            out_dir, data_epoch, strategy, callbacks=[TimeBudget(share, deadline, start=start)])
         history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - start
     model.save(out_dir / "model.keras")  # on every worker (it may read synchronised variables); only the chief's stays

@@ -18,7 +18,7 @@ from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, pretrain_concepts
 from pipelines.dataset import epoch_variable
 from pipelines.text import build_vocabulary, make_tokenizer
 from pipelines.train import parse_args
-from pipelines.training import TimeBudget
+from pipelines.training import TimeBudget, warmup_cosine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,7 +102,8 @@ def test_concept_pretraining_trains_once_then_resumes_instead_of_repeating(tmp_p
         keras.utils.set_random_seed(seed)
         model = build_captioner("cnn_gru", "tiny", tokenizer, concept_loss_weight=1.0)
         untrained = weights_of(model)
-        info = pretrain_concepts(model, data, data, 2, 1, 1e-2, tmp_path, epoch_variable(), tf.distribute.get_strategy())
+        info = pretrain_concepts(model, data, data, 2, warmup_cosine(1e-2, 2, 1), tmp_path, epoch_variable(),
+                                 tf.distribute.get_strategy())
         return model, untrained, info
 
     first, untrained, info = attempt(0)
@@ -158,7 +159,8 @@ def test_concept_pretraining_keeps_the_epoch_with_the_lowest_validation_word_los
         out.mkdir()
         keras.utils.set_random_seed(0)
         model = build_captioner("cnn_gru", "tiny", tokenizer, concept_loss_weight=1.0)
-        info = pretrain_concepts(model, train, valid, epochs, 1, 1e-2, out, epoch_variable(), tf.distribute.get_strategy())
+        info = pretrain_concepts(model, train, valid, epochs, warmup_cosine(1e-2, epochs, 1), out, epoch_variable(),
+                                 tf.distribute.get_strategy())
         return model, info
 
     stopped, info = pretrained(5, tmp_path / "a")

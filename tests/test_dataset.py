@@ -1,11 +1,13 @@
 """The tf.data pipeline: shapes, dtypes, determinism, and augmentation that keeps left and right."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from pipelines.dataset import make_augmenter, make_dataset
+from pipelines.dataset import epoch_variable, make_augmenter, make_dataset
 from pipelines.rocov2 import Record
 
 CFG = {"image_size": 32, "channels": 1, "resize": "pad", "interpolation": "bilinear", "mean": [0.5], "std": [0.5]}
@@ -46,6 +48,29 @@ def test_training_shuffle_is_seeded(records):
 
     assert order(1) == order(1)
     assert sorted(order(1)) == sorted(r.caption for r in records)
+
+
+def test_cached_training_images_are_decoded_once_and_reshuffled_each_epoch(records, tmp_path):
+    def passes(cache_images, n=2):
+        epoch = epoch_variable()
+        ds = make_dataset(records, CFG, batch_size=10, training=True, seed=3, augment=False, epoch=epoch,
+                          cache_images=cache_images)
+        return ds, [next(iter(ds)) for _ in range(n)]
+
+    _, uncached = passes(False)
+    ds, cached = passes(True)
+    for batches in (uncached, cached):  # every pass holds every image once, paired with its own caption
+        for batch in batches:
+            widths = (batch["images"].numpy()[:, 16, :, 0] > 0).sum(axis=1)
+            numbers = [int(c.split()[-1][:-1]) for c in batch["captions"].numpy().astype(str)]
+            assert sorted(numbers) == list(range(10))
+            assert np.all(np.diff(widths[np.argsort(numbers)]) > 0)
+    orders = [[c for c in b["captions"].numpy()] for b in cached]
+    assert orders[0] != orders[1]  # a new order each epoch ...
+    assert orders == [[c for c in b["captions"].numpy()] for b in passes(True)[1]]  # ... set by (seed, epoch)
+    for r in records:  # a third pass needs no file
+        Path(r.image_path).unlink()
+    assert sorted(next(iter(ds))["captions"].numpy().tolist()) == sorted(orders[0])
 
 
 def test_augmentation_never_flips_left_and_right():

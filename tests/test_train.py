@@ -32,18 +32,28 @@ def test_augmentation_follows_the_flag_else_the_preset():
     assert presets("cnn_gru")["densenet121"]["train"].get("augment", True) is True
 
 
-def run_budget(minutes: float, epochs: int, epoch_seconds: float | list[float], deadline_in: float | None = None
-               ) -> tuple[bool, bool]:
-    """(stopped, reported as cut by the budget) for epochs that sleep `epoch_seconds`."""
+def run_budget(minutes: float, epochs: int, epoch_seconds: float | list[float], deadline_in: float | None = None,
+               trace_seconds: float = 0.0) -> tuple[bool, bool]:
+    """(stopped, reported as cut by the budget) for epochs that sleep `epoch_seconds`.
+
+    With `trace_seconds`, each epoch runs 4 batches and the first batch of the first epoch sleeps that much
+    longer (as tracing the step makes it); `epoch_seconds` is then the epochs' time without it.
+    """
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     budget = TimeBudget(minutes, None if deadline_in is None else time.perf_counter() + deadline_in)
     budget.set_model(model)
-    budget.set_params({"epochs": epochs})
+    budget.set_params({"epochs": epochs, **({"steps": 4} if trace_seconds else {})})
     model.stop_training = False
     budget.on_train_begin()
     for epoch in range(epochs):
         budget.on_epoch_begin(epoch)
-        time.sleep(epoch_seconds[epoch] if isinstance(epoch_seconds, list) else epoch_seconds)
+        seconds = epoch_seconds[epoch] if isinstance(epoch_seconds, list) else epoch_seconds
+        if trace_seconds:
+            for batch in range(4):
+                time.sleep(seconds / 4 + (trace_seconds if epoch == batch == 0 else 0.0))
+                budget.on_train_batch_end(batch)
+        else:
+            time.sleep(seconds)
         budget.on_epoch_end(epoch)
         if model.stop_training:
             return True, budget.stopped_early
@@ -60,6 +70,9 @@ def test_time_budget_stops_only_an_epoch_that_would_overrun_and_reports_only_rea
     # ... and one slow epoch does not cut the run (after 0.4 + 0.05 + 0.3 s the median is 0.175 s, the slowest 0.3 s).
     assert run_budget(1.0 / 60, 6, [0.4, 0.05, 0.3, 0.05, 0.05, 0.05]) == (False, False)
     assert run_budget(0.9 / 60, 8, [0.4] + [0.02] * 7) == (False, False)  # a slow first epoch (tracing) is not the estimate
+    # Tracing in the first batch is not part of the next epoch's estimate: after 0.3 + 0.4 s, 0.3 s more fit in 1.1 s
+    assert run_budget(1.1 / 60, 2, 0.3, trace_seconds=0.4) == (False, False)
+    assert run_budget(0.9 / 60, 2, 0.3, trace_seconds=0.4) == (True, True)  # ... but not in 0.9 s
 
 
 def test_the_runs_deadline_stops_training_even_without_a_model_budget():

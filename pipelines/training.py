@@ -210,12 +210,14 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
                                 epoch=data_epoch, augment=augment)
         valid_ds = make_dataset(splits["valid"], model.image_config, batch_size, training=False)
         if concept_epochs:
-            share = budget and budget * concept_epochs / (concept_epochs + epochs)  # its share by epoch count
+            # its share by epoch count, of the model's budget and of the time left before the run's deadline
+            share = budget and budget * concept_epochs / (concept_epochs + epochs)
+            share_deadline = deadline and start + (deadline - start) * concept_epochs / (concept_epochs + epochs)
             valid = splits["valid"]
             valid = valid.head(VALIDATION_IMAGES) if isinstance(valid, ShardedSplit) else valid[:VALIDATION_IMAGES]
             pretraining = pretrain_concepts(model, train_ds, make_dataset(valid, model.image_config, batch_size),
                                             concept_epochs, warmup_cosine(learning_rate, concept_epochs, steps),
-                                            out_dir, data_epoch, strategy, callbacks=[TimeBudget(share, deadline, start=start)])
+                                            out_dir, data_epoch, strategy, callbacks=[TimeBudget(share, share_deadline, start=start)])
         history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - start
     model.save(out_dir / "model.keras")  # on every worker (it may read synchronised variables); only the chief's stays

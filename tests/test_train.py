@@ -33,14 +33,15 @@ def test_augmentation_follows_the_flag_else_the_preset():
 
 
 def run_budget(minutes: float, epochs: int, epoch_seconds: float | list[float], deadline_in: float | None = None,
-               trace_seconds: float = 0.0) -> tuple[bool, bool]:
+               trace_seconds: float = 0.0, reserve_epochs: float = 0.0) -> tuple[bool, bool]:
     """(stopped, reported as cut by the budget) for epochs that sleep `epoch_seconds`.
 
     With `trace_seconds`, each epoch runs 4 batches and the first batch of the first epoch sleeps that much
     longer (as tracing the step makes it); `epoch_seconds` is then the epochs' time without it.
     """
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-    budget = TimeBudget(minutes, None if deadline_in is None else time.perf_counter() + deadline_in)
+    budget = TimeBudget(minutes, None if deadline_in is None else time.perf_counter() + deadline_in,
+                        reserve_epochs=reserve_epochs)
     budget.set_model(model)
     budget.set_params({"epochs": epochs, **({"steps": 4} if trace_seconds else {})})
     model.stop_training = False
@@ -73,6 +74,10 @@ def test_time_budget_stops_only_an_epoch_that_would_overrun_and_reports_only_rea
     # Tracing in the first batch is not part of the next epoch's estimate: after 0.3 + 0.4 s, 0.3 s more fit in 1.1 s
     assert run_budget(1.1 / 60, 2, 0.3, trace_seconds=0.4) == (False, False)
     assert run_budget(0.9 / 60, 2, 0.3, trace_seconds=0.4) == (True, True)  # ... but not in 0.9 s
+    # Concept pretraining keeps time for the captioner: 0.2 s epochs, 2 more of them reserved, a 0.9 s budget
+    assert run_budget(0.9 / 60, 3, 0.2, reserve_epochs=2) == (True, True)  # after 0.4 s, 0.2 + 0.4 more would pass it
+    assert run_budget(0.9 / 60, 3, 0.2) == (False, False)
+    assert run_budget(0, 3, 0.2, deadline_in=0.9, reserve_epochs=2) == (True, True)  # the run's deadline too
 
 
 def test_the_runs_deadline_stops_training_even_without_a_model_budget():

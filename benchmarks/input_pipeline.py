@@ -6,9 +6,10 @@
 For each model's CPU preset (`small`), `pipelines.dataset.make_dataset` runs exactly as in training
 (decode, resize, shuffle, augment, normalise; the decoded images kept in memory after the first epoch
 when they fit `pipelines.dataset.IMAGE_CACHE_BYTES`) and is drained on its own: images per second on the
-first epoch (files read, decoded and cached) and on a cached epoch. The consumer is `benchmarks.training.step_rate` (fit on an in-memory batch). The pipeline
-must deliver at least 3x what the step consumes, so it is never the bottleneck; as a check, `fit`
-on the real pipeline is timed too and should match the in-memory rate.
+first epoch (files read, decoded and cached) and on a cached epoch. The consumer is
+`benchmarks.training.step_rate` (fit on an in-memory batch). The pipeline must deliver at least 3x what
+the step consumes, so it is never the bottleneck; as a check, `fit` on the real pipeline is timed too and
+should match the in-memory rate.
 """
 
 from __future__ import annotations

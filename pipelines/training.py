@@ -37,7 +37,8 @@ from pipelines.tfrecords import ShardedSplit, is_tfrecord_dataset, list_tfrecord
 
 DONE_MARKER = "DONE.json"
 # A captioner epoch costs about this many concept pretraining epochs (2 cores, small presets: in-memory steps 2.4x
-# (CNN-GRU) and 2.0x (GIT) in benchmarks.training; in the default run 88 s against 40 s for the CNN-GRU).
+# (CNN-GRU) and 2.0x (GIT) in benchmarks.training; in default runs on 2026-12-03, epochs after the first took
+# 72-91 s against 32-45 s (CNN-GRU) and 90 s against 47-57 s (GIT), so for GIT it errs towards the captioner).
 CAPTIONER_EPOCH_COST = 2.2
 EVALUATION_RESERVE_SECONDS = 60.0  # kept for each evaluation still to come, until one has been timed
 
@@ -46,8 +47,8 @@ class TimeBudget(keras.callbacks.Callback):
     """Stop after the epoch when one more epoch would overrun `minutes` of wall time, or end after `deadline`.
 
     Each epoch's duration is measured from the end of its first batch, scaled to all its steps: the first batch
-    of a fit also traces the training step (on 2 cores a CNN-GRU captioner epoch of ~80 s took 107 s with it,
-    and predicting 107 s cut a run's captioner to one of its three epochs). The first epoch also reads every
+    of a fit also traces the training step (on 2 cores the CNN-GRU's first captioner epoch took 98-114 s, later
+    ones 72-91 s, and predicting 107 s from the first cut a run's captioner to one of its three epochs). The first epoch also reads every
     file once, so later ones predict the next: against the model's own budget (a share of the run) the median
     of them, which one slow epoch on a shared machine does not move; against `deadline` (a
     `time.perf_counter()` value, the run's hard limit, which leaves time for the evaluations after training)

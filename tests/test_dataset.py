@@ -50,7 +50,7 @@ def test_training_shuffle_is_seeded(records):
     assert sorted(order(1)) == sorted(r.caption for r in records)
 
 
-def test_cached_training_images_are_decoded_once_and_reshuffled_each_epoch(records, tmp_path):
+def test_cached_training_images_are_decoded_once_and_reshuffled_each_epoch(records):
     def passes(cache_images, n=2):
         epoch = epoch_variable()
         ds = make_dataset(records, CFG, batch_size=10, training=True, seed=3, augment=False, epoch=epoch,

@@ -8,12 +8,14 @@ from keras_models.captioner import ImageCaptioner, get_sampler
 from keras_models.preprocessor import DEFAULT_IMAGE_CONFIG, CaptionPreprocessor
 from keras_models import cnn_gru, git  # noqa: E402,F401  (registers the model classes)
 from keras_models.registry import MODELS, build_captioner, presets
+from keras_models.schedules import WarmupCosine
 
 __all__ = [
     "CaptionPreprocessor",
     "DEFAULT_IMAGE_CONFIG",
     "ImageCaptioner",
     "MODELS",
+    "WarmupCosine",
     "build_captioner",
     "get_sampler",
     "presets",

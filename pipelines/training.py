@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import shutil
 import statistics
@@ -16,6 +17,7 @@ import keras
 import tensorflow as tf
 
 from keras_models.registry import MODELS, build_captioner, presets
+from keras_models.schedules import WarmupCosine
 from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, VALIDATION_IMAGES, pretrain_concepts
 from pipelines.dataset import EpochOrder, epoch_variable, make_dataset
 from pipelines.distributed import (
@@ -44,7 +46,8 @@ EVALUATION_RESERVE_SECONDS = 60.0  # kept for each evaluation still to come, unt
 
 
 class TimeBudget(keras.callbacks.Callback):
-    """Stop after the epoch when one more epoch would overrun `minutes` of wall time, or end after `deadline`.
+    """Stop after the epoch when one more epoch would overrun `minutes` of wall time, or end after `deadline`;
+    fit `schedule`'s decay to the epochs that fit.
 
     Each epoch's duration is measured from the end of its first batch, scaled to all its steps: the first batch
     of a fit also traces the training step (on 2 cores the CNN-GRU's first captioner epoch took 98-114 s, later
@@ -54,15 +57,18 @@ class TimeBudget(keras.callbacks.Callback):
     `time.perf_counter()` value, the run's hard limit, which leaves time for the evaluations after training)
     the slowest of them. `reserve_epochs` keeps time for that many more epochs of this fit's length after it
     (concept pretraining keeps the captioner's epochs, in pretraining epochs: `CAPTIONER_EPOCH_COST`).
+    After each epoch, `schedule` (a `WarmupCosine` over this fit's epochs) is planned to end its decay with the
+    last epoch that fits, so a run cut short still ends annealed.
     """
 
     def __init__(self, minutes: float | None, deadline: float | None = None, start: float | None = None,
-                 reserve_epochs: float = 0.0):
+                 reserve_epochs: float = 0.0, schedule: WarmupCosine | None = None):
         super().__init__()
         self.seconds = (minutes or 0) * 60
         self.deadline = deadline
         self.started = start  # when the budget began (e.g. before concept pretraining); default: when fit() starts
         self.reserve_epochs = reserve_epochs
+        self.schedule = schedule
         self.stopped_early = False
 
     def on_train_begin(self, logs=None):
@@ -78,8 +84,21 @@ class TimeBudget(keras.callbacks.Callback):
         if batch == 0:
             self.first_batch_end = time.perf_counter()
 
+    def epochs_that_fit(self, now: float) -> tuple[float, float]:
+        """How many more epochs fit (model budget, run deadline), from the epochs timed so far."""
+        later = self.epoch_seconds[1:] or self.epoch_seconds
+        typical, slowest = max(statistics.median(later), 1e-6), max(later)
+        by_budget = by_deadline = math.inf
+        if self.seconds:
+            by_budget = max(0, math.floor((self.seconds - (now - self.start)) / typical - self.reserve_epochs))
+        if self.deadline:
+            left = self.deadline - now - slowest - typical * self.reserve_epochs
+            by_deadline = 0 if left < 0 else 1 + math.floor(left / typical)
+        return by_budget, by_deadline
+
     def on_epoch_end(self, epoch, logs=None):
-        if not (self.seconds or self.deadline) or epoch + 1 >= (self.params or {}).get("epochs", float("inf")):
+        planned = (self.params or {}).get("epochs", math.inf)
+        if not (self.seconds or self.deadline) or epoch + 1 >= planned:
             return  # no budget, or the run ends here anyway: nothing was cut short
         now = time.perf_counter()
         steps = (self.params or {}).get("steps") or 0
@@ -87,24 +106,25 @@ class TimeBudget(keras.callbacks.Callback):
             self.epoch_seconds.append((now - self.first_batch_end) * steps / (steps - 1))
         else:
             self.epoch_seconds.append(now - self.epoch_start)
-        later = self.epoch_seconds[1:] or self.epoch_seconds
-        typical, slowest = statistics.median(later), max(later)
-        if self.seconds and now - self.start + typical * (1 + self.reserve_epochs) > self.seconds:
+        by_budget, by_deadline = self.epochs_that_fit(now)
+        last = min(planned, epoch + 1 + min(by_budget, by_deadline))
+        if self.schedule is not None and last != self.schedule.planned_epochs:
+            self.schedule.plan_epochs(last)
+            print(f"\nTime budget: {last} of {planned} epochs fit; the learning rate now decays to its floor by epoch {last}.")
+        if by_budget == 0:
             print(f"\nTime budget: stopping after epoch {epoch + 1} ({(now - self.start) / 60:.1f} of {self.seconds / 60:.1f} min).")
             self.stopped_early = True
             self.model.stop_training = True
-        elif self.deadline and now + slowest + typical * self.reserve_epochs > self.deadline:
+        elif by_deadline == 0:
             print(f"\nRun time budget: stopping after epoch {epoch + 1}; another would leave too little time to evaluate.")
             self.stopped_early = True
             self.model.stop_training = True
 
 
-def warmup_cosine(learning_rate: float, epochs: int, steps: int) -> keras.optimizers.schedules.LearningRateSchedule:
-    """Warm up from a tenth of `learning_rate` over one epoch (at most 200 steps), then cosine decay to 5%."""
-    return keras.optimizers.schedules.CosineDecay(
-        learning_rate / 10, decay_steps=max(1, epochs * steps), warmup_target=learning_rate,
-        warmup_steps=min(steps, 200), alpha=0.05,
-    )
+def warmup_cosine(learning_rate: float, epochs: int, steps: int) -> WarmupCosine:
+    """Warm up from a tenth of `learning_rate` over one epoch (at most 200 steps), then cosine decay to 5%
+    at the end of epoch `epochs` (a `TimeBudget` may move that end earlier)."""
+    return WarmupCosine(learning_rate, epochs, steps, warmup_steps=min(steps, 200), warmup_start=0.1, alpha=0.05)
 
 
 def prepare_data(cfg, cache_dir: Path) -> tuple[Path | str, dict, dict]:
@@ -192,7 +212,8 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
           f"{strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")
     start = time.perf_counter()
     # concept pretraining counts against the model's budget and leaves time for the captioner's epochs
-    budget_cb = TimeBudget(budget, deadline, start=start)
+    # (not under multi-worker training: each worker would plan its own learning rates from its own clock)
+    budget_cb = TimeBudget(budget, deadline, start=start, schedule=None if custom_loop else schedule)
     backup = keras.callbacks.BackupAndRestore if chief else functools.partial(ResumeFromChief, str(model_dir / "backup"))
     callbacks = [
         backup(str(out_dir / "backup"), double_checkpoint=True),
@@ -222,9 +243,11 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
             reserve = epochs * CAPTIONER_EPOCH_COST
             valid = splits["valid"]
             valid = valid.head(VALIDATION_IMAGES) if isinstance(valid, ShardedSplit) else valid[:VALIDATION_IMAGES]
+            concept_schedule = warmup_cosine(learning_rate, concept_epochs, steps)
+            concept_budget = TimeBudget(budget, deadline, start=start, reserve_epochs=reserve, schedule=concept_schedule)
             pretraining = pretrain_concepts(model, train_ds, make_dataset(valid, model.image_config, batch_size),
-                                            concept_epochs, warmup_cosine(learning_rate, concept_epochs, steps),
-                                            out_dir, data_epoch, strategy, callbacks=[TimeBudget(budget, deadline, start=start, reserve_epochs=reserve)])
+                                            concept_epochs, concept_schedule, out_dir, data_epoch, strategy,
+                                            callbacks=[concept_budget])
         history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - start
     model.save(out_dir / "model.keras")  # on every worker (it may read synchronised variables); only the chief's stays

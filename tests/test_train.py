@@ -33,7 +33,7 @@ def test_augmentation_follows_the_flag_else_the_preset():
 
 
 def run_budget(minutes: float, epochs: int, epoch_seconds: float | list[float], deadline_in: float | None = None,
-               trace_seconds: float = 0.0, reserve_epochs: float = 0.0) -> tuple[bool, bool]:
+               trace_seconds: float = 0.0, reserve_epochs: float = 0.0, schedule=None) -> tuple[bool, bool]:
     """(stopped, reported as cut by the budget) for epochs that sleep `epoch_seconds`.
 
     With `trace_seconds`, each epoch runs 4 batches and the first batch of the first epoch sleeps that much
@@ -41,7 +41,7 @@ def run_budget(minutes: float, epochs: int, epoch_seconds: float | list[float], 
     """
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     budget = TimeBudget(minutes, None if deadline_in is None else time.perf_counter() + deadline_in,
-                        reserve_epochs=reserve_epochs)
+                        reserve_epochs=reserve_epochs, schedule=schedule)
     budget.set_model(model)
     budget.set_params({"epochs": epochs, **({"steps": 4} if trace_seconds else {})})
     model.stop_training = False
@@ -86,6 +86,26 @@ def test_the_runs_deadline_stops_training_even_without_a_model_budget():
     # against the run's hard limit the slowest later epoch counts: after 0.2 + 0.3 + 0.05 s another 0.3 s passes 0.8 s
     assert run_budget(0, 5, [0.2, 0.3, 0.05, 0.05, 0.05], deadline_in=0.8) == (True, True)
     assert run_budget(0, 3, 0.05) == (False, False)  # neither budget nor deadline
+
+
+def test_the_learning_rate_decays_by_the_last_epoch_that_fits():
+    # 0.2 s epochs in a 0.9 s budget: after the first, 3 more fit (4 of 8), and the 4th is the last one run
+    schedule = warmup_cosine(1e-3, 8, 10)
+    assert run_budget(0.9 / 60, 8, 0.2, schedule=schedule) == (True, True)
+    assert schedule.planned_epochs == 4
+    assert float(schedule(40)) == pytest.approx(5e-5)  # annealed at the end of epoch 4 of 10 steps each
+    # Concept pretraining's plan also leaves the captioner's reserved epochs: 0.2 s + 2 x 0.2 s more of 0.9 s
+    schedule = warmup_cosine(1e-3, 8, 10)
+    assert run_budget(0.9 / 60, 8, 0.2, reserve_epochs=2, schedule=schedule) == (True, True)
+    assert schedule.planned_epochs == 2
+    # the run's deadline too (one epoch at the slowest, the rest at the median): 0.1 s epochs, 0.45 s
+    schedule = warmup_cosine(1e-3, 8, 10)
+    assert run_budget(0, 8, 0.1, deadline_in=0.45, schedule=schedule) == (True, True)
+    assert schedule.planned_epochs == 4
+    # with time to spare the plan stays as it was
+    schedule = warmup_cosine(1e-3, 3, 10)
+    assert run_budget(1.0 / 60, 3, 0.05, schedule=schedule) == (False, False)
+    assert schedule.planned_epochs == 3
 
 
 def test_the_run_budget_defaults_to_the_15_minute_target_and_can_be_lifted():

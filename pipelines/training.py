@@ -108,7 +108,7 @@ class TimeBudget(keras.callbacks.Callback):
             self.epoch_seconds.append(now - self.epoch_start)
         by_budget, by_deadline = self.epochs_that_fit(now)
         last = min(planned, epoch + 1 + min(by_budget, by_deadline))
-        if self.schedule is not None and last != self.schedule.planned_epochs:
+        if self.schedule is not None and last > epoch + 1 and last != self.schedule.planned_epochs:
             self.schedule.plan_epochs(last)
             print(f"\nTime budget: {last} of {planned} epochs fit; the learning rate now decays to its floor by epoch {last}.")
         if by_budget == 0:

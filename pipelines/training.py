@@ -57,8 +57,9 @@ class TimeBudget(keras.callbacks.Callback):
     `time.perf_counter()` value, the run's hard limit, which leaves time for the evaluations after training)
     the slowest of them. `reserve_epochs` keeps time for that many more epochs of this fit's length after it
     (concept pretraining keeps the captioner's epochs, in pretraining epochs: `CAPTIONER_EPOCH_COST`).
-    After each epoch, `schedule` (a `WarmupCosine` over this fit's epochs) is planned to end its decay with the
-    last epoch that fits, so a run cut short still ends annealed.
+    `schedule` (a `WarmupCosine` over this fit's epochs) is planned to end its decay with the last epoch that
+    fits: a tenth into the first epoch (from its steps so far), then after each epoch. A fit cut short, even to
+    one epoch, still ends annealed.
     """
 
     def __init__(self, minutes: float | None, deadline: float | None = None, start: float | None = None,
@@ -75,18 +76,28 @@ class TimeBudget(keras.callbacks.Callback):
         self.epoch_start = time.perf_counter()
         self.start = self.started if self.started is not None else self.epoch_start
         self.epoch_seconds = []
+        steps = (self.params or {}).get("steps") or 0
+        self.early_batch = max(1, steps // 10) if steps > 2 else None
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epoch_start = time.perf_counter()
+        self.epoch, self.epoch_start = epoch, time.perf_counter()
         self.first_batch_end = None
 
     def on_train_batch_end(self, batch, logs=None):
         if batch == 0:
             self.first_batch_end = time.perf_counter()
+        elif batch == self.early_batch and not self.epoch_seconds and self.schedule is not None and self._budgeted():
+            # A first plan a tenth into the first epoch, so that a fit cut to that one epoch still anneals.
+            now, steps = time.perf_counter(), self.params["steps"]
+            step_seconds = (now - self.first_batch_end) / batch
+            self._plan(self.epoch, now + step_seconds * (steps - 1 - batch), [step_seconds * steps], within=True)
 
-    def epochs_that_fit(self, now: float) -> tuple[float, float]:
-        """How many more epochs fit (model budget, run deadline), from the epochs timed so far."""
-        later = self.epoch_seconds[1:] or self.epoch_seconds
+    def _budgeted(self) -> bool:
+        return bool(self.seconds or self.deadline)
+
+    def epochs_that_fit(self, now: float, epoch_seconds: list[float]) -> tuple[float, float]:
+        """How many more epochs fit after `now` (model budget, run deadline), given the epochs' durations so far."""
+        later = epoch_seconds[1:] or epoch_seconds
         typical, slowest = max(statistics.median(later), 1e-6), max(later)
         by_budget = by_deadline = math.inf
         if self.seconds:
@@ -96,9 +107,24 @@ class TimeBudget(keras.callbacks.Callback):
             by_deadline = 0 if left < 0 else 1 + math.floor(left / typical)
         return by_budget, by_deadline
 
+    def _plan(self, epoch: int, end: float, epoch_seconds: list[float], within: bool) -> tuple[float, float]:
+        """Plan `schedule` to end its decay with the last epoch that fits once epoch `epoch` ends at `end`.
+
+        `within`: planned during that epoch (it may then be the last); otherwise at its end, where a fit that
+        stops needs no new plan. Returns `epochs_that_fit`.
+        """
+        by_budget, by_deadline = self.epochs_that_fit(end, epoch_seconds)
+        planned = self.params["epochs"]
+        last = min(planned, epoch + 1 + min(by_budget, by_deadline))
+        if self.schedule is not None and (within or last > epoch + 1) and last != self.schedule.planned_epochs:
+            self.schedule.plan_epochs(last)
+            print(f"\nTime budget: {'about ' if within else ''}{last} of {planned} epochs fit; "
+                  f"the learning rate now decays to its floor by the end of epoch {last}.")
+        return by_budget, by_deadline
+
     def on_epoch_end(self, epoch, logs=None):
         planned = (self.params or {}).get("epochs", math.inf)
-        if not (self.seconds or self.deadline) or epoch + 1 >= planned:
+        if not self._budgeted() or epoch + 1 >= planned:
             return  # no budget, or the run ends here anyway: nothing was cut short
         now = time.perf_counter()
         steps = (self.params or {}).get("steps") or 0
@@ -106,11 +132,7 @@ class TimeBudget(keras.callbacks.Callback):
             self.epoch_seconds.append((now - self.first_batch_end) * steps / (steps - 1))
         else:
             self.epoch_seconds.append(now - self.epoch_start)
-        by_budget, by_deadline = self.epochs_that_fit(now)
-        last = min(planned, epoch + 1 + min(by_budget, by_deadline))
-        if self.schedule is not None and last > epoch + 1 and last != self.schedule.planned_epochs:
-            self.schedule.plan_epochs(last)
-            print(f"\nTime budget: {last} of {planned} epochs fit; the learning rate now decays to its floor by epoch {last}.")
+        by_budget, by_deadline = self._plan(epoch, now, self.epoch_seconds, within=False)
         if by_budget == 0:
             print(f"\nTime budget: stopping after epoch {epoch + 1} ({(now - self.start) / 60:.1f} of {self.seconds / 60:.1f} min).")
             self.stopped_early = True

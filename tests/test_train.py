@@ -102,6 +102,13 @@ def test_the_learning_rate_decays_by_the_last_epoch_that_fits():
     schedule = warmup_cosine(1e-3, 8, 10)
     assert run_budget(0, 8, 0.1, deadline_in=0.45, schedule=schedule) == (True, True)
     assert schedule.planned_epochs == 4
+    # A first plan a tenth into the first epoch (here after batch 1 of 4): a fit cut to that epoch anneals in it
+    schedule = warmup_cosine(1e-3, 3, 4)
+    assert run_budget(0.5 / 60, 3, 0.3, trace_seconds=0.01, schedule=schedule) == (True, True)
+    assert schedule.planned_epochs == 1
+    schedule = warmup_cosine(1e-3, 3, 4)
+    assert run_budget(0.75 / 60, 3, 0.3, trace_seconds=0.01, schedule=schedule) == (True, True)
+    assert schedule.planned_epochs == 2
     # with time to spare the plan stays as it was
     schedule = warmup_cosine(1e-3, 3, 10)
     assert run_budget(1.0 / 60, 3, 0.05, schedule=schedule) == (False, False)

@@ -1,7 +1,7 @@
 """A learning-rate schedule whose end can move while it runs: a linear warm-up, then cosine decay to a floor.
 
-Training under a wall-clock budget (`pipelines.training.TimeBudget`) learns only after its first epoch
-how many epochs fit. A cosine schedule planned for more epochs than then run stops with the rate still
+Training under a wall-clock budget (`pipelines.training.TimeBudget`) learns only once it runs how many
+epochs fit. A cosine schedule planned for more epochs than then run stops with the rate still
 high: the model is never annealed. Decaying to the floor by the end of the budget is what matters
 ("Budgeted training", Li, Yumer and Ramanan, ICLR 2020). `WarmupCosine.plan_epochs(n)` moves the end of
 the decay to the end of epoch n; the rate then continues from where the new curve is at the current step.

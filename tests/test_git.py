@@ -16,7 +16,7 @@ import pytest
 from keras_models.git import GitCaptioner, build_git_captioner
 from keras_models.git.convert_hf import convert_checkpoint, load_hf_weights, load_state_dict, main
 from keras_models.git.git_causal_lm import SparseCrossentropyWithLabelSmoothing
-from keras_models.git.git_vision_encoder import GitVisionEncoder
+from keras_models.git.git_vision_encoder import GitVisionEncoder, conv_stem
 from pipelines.text import SPECIAL_TOKENS, make_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -339,3 +339,13 @@ def test_torch_backend(checkpoint_a, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "torch backend OK" in result.stdout
+
+
+def test_conv_stem_statistics_keep_up_with_a_short_fit():
+    # Validation after a one-epoch fit uses the moving statistics: they must have caught up with the batches.
+    stem = conv_stem(16, 32)
+    images = np.random.default_rng(0).normal(3.0, 2.0, (4, 32, 32, 1)).astype("float32")
+    for _ in range(30):
+        training = keras.ops.convert_to_numpy(stem(images, training=True))
+    inference = keras.ops.convert_to_numpy(stem(images, training=False))
+    assert np.abs(inference - training).mean() < 0.3 * training.std()  # 0.18 at momentum 0.9, 0.73 at 0.99

@@ -31,6 +31,8 @@ def conv_stem(patch_size: int, hidden_dim: int, extra_convs: int = 0, dtype=None
     faster from scratch on small data. Imported CLIP checkpoints keep the patch conv.
     `extra_convs` adds a 3x3 stride-1 convolution (batch norm, ReLU) after each of the last
     that many stride-2 ones: more depth where the map is small and a convolution cheap.
+    Batch norm momentum is 0.9, as in the CNN-GRU's compact CNN: with Keras's 0.99 the moving statistics
+    still lagged after a 250-step epoch, and validation read a word loss of 39.1 where the same weights gave 23.4.
     """
     steps = patch_size.bit_length() - 1
     if 2**steps != patch_size:
@@ -44,7 +46,7 @@ def conv_stem(patch_size: int, hidden_dim: int, extra_convs: int = 0, dtype=None
             layers += [
                 keras.layers.Conv2D(width, 3, strides=stride, padding="same", use_bias=False, dtype=dtype,
                                     name=f"stem_conv_{i}{suffix}"),
-                keras.layers.BatchNormalization(dtype=dtype, name=f"stem_norm_{i}{suffix}"),
+                keras.layers.BatchNormalization(momentum=0.9, dtype=dtype, name=f"stem_norm_{i}{suffix}"),
                 keras.layers.ReLU(dtype=dtype, name=f"stem_relu_{i}{suffix}"),
             ]
     layers.append(keras.layers.Conv2D(hidden_dim, 1, use_bias=False, dtype=dtype, name="stem_projection"))

@@ -47,9 +47,7 @@ PRESETS = {
         # epoch ~55 s (the first ~75 s). Synthetic all fields: 5 captioner epochs 87.2%; 3 pretraining + 4 epochs
         # 90.6%; 6 + 3 92.6% (6.5 min, too long beside GIT). 4 + 3 take about 5.2 min, so that one slow epoch
         # (this VM's run between 55 and 80 s) still fits the 6.2: with 5 + 3 a fresh-clone run lost its last epoch.
-        # Batch 16, not 32: twice the updates per epoch for ~10% more time per epoch. 2 + 3 epochs (--time-budget 0):
-        # all fields 86.1% -> 88.9%, pretraining validation word loss 20.43 -> 19.71 (2026-12-03, one run each).
-        "train": {"epochs": 3, "concept_epochs": 4, "batch_size": 16, "learning_rate": 2e-3, "time_budget_minutes": 6.2,
+        "train": {"epochs": 3, "concept_epochs": 4, "batch_size": 32, "learning_rate": 2e-3, "time_budget_minutes": 6.2,
                   "augment": False},
     },
     # keras.applications encoders (weights=None or a local ImageNet file): 224 px -> 7x7 map.

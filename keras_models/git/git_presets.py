@@ -62,9 +62,7 @@ PRESETS = {
         # 3 epochs 65.8%, 4 75.9%, 5 82.3% (6.5 min); concept pretraining first (~40 s an epoch, a captioner epoch
         # ~70 s, the first ~90 s): 5 + 3 87.9% (7.3 min, too long beside the CNN-GRU). 3 + 3 take about 6.1 min,
         # room for one slow epoch in the 6.8 (with 4 + 3 a fresh-clone run lost its last epoch).
-        # Batch 16, not 32: 1 + 3 epochs (--time-budget 0, stem momentum 0.99 in both) all fields 68.4% -> 73.4%
-        # (2026-12-03, one run each); one pretraining epoch: validation word loss 23.4 -> 22.2 (batch 8: 21.6, 1.5x the time).
-        "train": {"epochs": 3, "concept_epochs": 3, "batch_size": 16, "learning_rate": 1e-3, "time_budget_minutes": 6.8,
+        "train": {"epochs": 3, "concept_epochs": 3, "batch_size": 32, "learning_rate": 1e-3, "time_budget_minutes": 6.8,
                   "augment": False},
     },
     "base": {

@@ -43,6 +43,7 @@ class TrainConfig:
     run_time_budget_minutes: float | None = 14.5
     augment: bool | None = None
     concept_epochs: int | None = None
+    freeze_stem: bool | None = None
     vocabulary_size: int = 2000
     sequence_length: int | None = None
     max_train_examples: int | None = None
@@ -87,6 +88,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                         "words, before the captioner trains (about half a captioner epoch each on CPU; they count "
                         "against the time budget). Default: the preset's (small: CNN-GRU 4, GIT 3); 0 = off, "
                         "which did better for the CNN-GRU on a small real sample (README)")
+    p.add_argument("--freeze-stem", action=argparse.BooleanOptionalAction, dest="freeze_stem",
+                   help="after concept pretraining, freeze the image encoder's early layers (CNN-GRU: the compact "
+                        "CNN's high-resolution half; GIT: its conv stem) while the captioner trains the rest: "
+                        "faster epochs. Default: the preset's (CNN-GRU small: on, the same captions in trials; "
+                        "GIT small: off, its stem still learns in the captioner's epochs)")
     p.add_argument("--vocab-size", type=int, default=2000, dest="vocabulary_size",
                    help="WordPiece vocabulary size learned from the training captions")
     p.add_argument("--sequence-length", type=int, help="maximum caption length in tokens (default: the preset's)")

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from keras_models.registry import MODELS, build_captioner, presets
 from keras_models.schedules import WarmupCosine
-from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, VALIDATION_IMAGES, pretrain_concepts
+from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, VALIDATION_IMAGES, freeze_image_stem, pretrain_concepts
 from pipelines.dataset import EpochOrder, epoch_variable, make_dataset
 from pipelines.distributed import (
     ResumeFromChief,
@@ -212,6 +212,7 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     budget = cfg.time_budget_minutes if cfg.time_budget_minutes is not None else train_cfg.get("time_budget_minutes")
     augment = cfg.augment if cfg.augment is not None else train_cfg.get("augment", True)
     concept_epochs = cfg.concept_epochs if cfg.concept_epochs is not None else train_cfg.get("concept_epochs", 0)
+    freeze_stem = cfg.freeze_stem if cfg.freeze_stem is not None else train_cfg.get("freeze_stem", False)
     if custom_loop and concept_epochs:
         print(f"[{name}] concept pretraining does not run under multi-worker training; skipping its {concept_epochs} epochs")
         concept_epochs = 0
@@ -270,6 +271,9 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
             pretraining = pretrain_concepts(model, train_ds, make_dataset(valid, model.image_config, batch_size),
                                             concept_epochs, concept_schedule, out_dir, data_epoch, strategy,
                                             callbacks=[concept_budget])
+            if freeze_stem:  # also on resume, so that the captioner's optimizer matches its backup
+                frozen = freeze_image_stem(model)
+                print(f"[{name}] image stem frozen for the captioner's epochs: {', '.join(frozen) or 'none in this encoder'}")
         history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - start
     model.save(out_dir / "model.keras")  # on every worker (it may read synchronised variables); only the chief's stays

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 from keras_models.registry import build_captioner, presets
-from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, pretrain_concepts
+from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, freeze_image_stem, pretrain_concepts
 from pipelines.dataset import epoch_variable
 from pipelines.text import build_vocabulary, make_tokenizer
 from pipelines.train import parse_args
@@ -215,6 +215,33 @@ def test_concept_pretraining_keeps_the_epoch_with_the_lowest_validation_word_los
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_a_frozen_image_stem_keeps_its_weights_and_statistics_while_the_rest_trains():
+    captions = ["ct chest left nodule", "mri brain right mass"]
+    tokenizer = make_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + " ".join(captions).split())
+    keras.utils.set_random_seed(0)
+    model = build_captioner("cnn_gru", "tiny", tokenizer, concept_loss_weight=1.0)  # compact CNN, filters 8, 16
+    assert freeze_image_stem(model) == [f"block1_conv{i}{part}" for i in (1, 2) for part in ("", "_bn", "_relu")]
+    cnn = model.backbone.image_encoder.cnn
+    stem = [w for layer in model.backbone.image_stem_layers() for w in layer.weights]  # BN moving statistics too
+    later = cnn.get_layer("block2_conv1").weights + cnn.get_layer("block2_conv1_bn").weights
+    stem_before, later_before = [w.numpy().copy() for w in stem], [w.numpy().copy() for w in later]
+    images = np.random.RandomState(0).uniform(-1, 1, (2, 32, 32, 1)).astype("float32") + 2.0  # far from init stats
+    model.fit(tf.data.Dataset.from_tensor_slices({"images": images, "captions": captions}).batch(2).repeat(3),
+              verbose=0)
+    for w, before in zip(stem, stem_before):
+        np.testing.assert_array_equal(w.numpy(), before, err_msg=w.path)
+    assert all(not np.allclose(w.numpy(), b) for w, b in zip(later, later_before))  # kernel, gamma, beta, mean, var
+
+
+def test_only_the_conv_stems_of_our_presets_freeze():
+    tokenizer = make_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "chest"])
+    assert presets("cnn_gru")["small"]["train"]["freeze_stem"] and not presets("git")["small"]["train"]["freeze_stem"]
+    conv = build_captioner("git", "tiny", tokenizer, vision_stem="conv")
+    assert conv.backbone.image_stem_layers() == [conv.backbone.vision_encoder.embedding.patch_embedding]
+    assert build_captioner("git", "tiny", tokenizer).backbone.image_stem_layers() == []  # CLIP's patch conv
+    assert parse_args([])[0].freeze_stem is None and parse_args(["--no-freeze-stem"])[0].freeze_stem is False
+
+
 def test_a_small_preset_run_pretrains_concepts_then_trains_and_reports_it(tmp_path):
     command = [sys.executable, "pipelines/train.py", "--dataset", "pipelines/examples", "--model", "cnn_gru",
                "--epochs", "1", "--concept-epochs", "1", "--time-budget", "0", "--vocab-size", "200",
@@ -222,6 +249,7 @@ def test_a_small_preset_run_pretrains_concepts_then_trains_and_reports_it(tmp_pa
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "concept pretraining: 1 epochs" in done.stdout
+    assert "[cnn_gru] image stem frozen for the captioner's epochs: block1_conv1, " in done.stdout
     (run,) = [p.parent for p in tmp_path.glob("*/summary.json")]
     model = json.loads((run / "summary.json").read_text())["models"]["cnn_gru"]
     assert model["concept_pretraining"]["status"] == "trained" and model["concept_pretraining"]["best_epoch"] == 1

@@ -104,6 +104,14 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         """The layers `concept_features` runs (what concept pretraining trains, with the head)."""
         return [self.image_encoder]
 
+    def image_stem_layers(self) -> list:
+        """The compact CNN's first half of stages (its high-resolution ones); [] for keras.applications encoders.
+
+        `pipelines.training` freezes them after concept pretraining: their backward pass is most of the
+        encoder's cost in a captioner step, and training them further did not change the captions.
+        """
+        return self.image_encoder.stem_layers()
+
     def concepts(self, features):
         """(concept vector, word logits) for image features; (None, None) without a concept head."""
         return self.concept_head(features, return_logits=True) if self.concept_head else (None, None)

@@ -105,6 +105,13 @@ class ImageEncoder(keras.layers.Layer):
         x = self.projection(ops.reshape(x, (-1, self.grid[0] * self.grid[1], self.cnn_channels)))
         return self.mixer(ops.relu(x + self.position_embedding(x)))
 
+    def stem_layers(self) -> list:
+        """The compact CNN's layers in its first `len(filters) // 2` blocks; [] for the applications."""
+        if self.encoder != "compact":
+            return []
+        blocks = tuple(f"block{i}_" for i in range(1, len(self.filters) // 2 + 1))
+        return [layer for layer in self.cnn.layers if layer.name.startswith(blocks)]
+
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.grid[0] * self.grid[1], self.feature_dim)
 

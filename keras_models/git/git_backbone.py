@@ -207,6 +207,14 @@ class GitBackbone(keras_hub.models.Backbone):
         """The layers `concept_features` runs (what concept pretraining trains, with the head)."""
         return [self.vision_encoder, self.image_projection, self.image_projection_norm]
 
+    def image_stem_layers(self) -> list:
+        """The vision encoder's convolutional stem (`vision_stem="conv"`); [] with CLIP's patch convolution.
+
+        With `--freeze-stem`, `pipelines.training` freezes it after concept pretraining and trains the transformer
+        layers above it. The `small` preset leaves it off: after one pretraining epoch the stem still had to learn.
+        """
+        return [self.vision_encoder.embedding.patch_embedding] if self.vision_stem == "conv" else []
+
     def embed_text(self, token_ids, start_index=0):
         """Token ids `[B, T]` at text positions `start_index...` -> normalised embeddings `[B, T, hidden_dim]`."""
         x = self.token_embedding(token_ids)

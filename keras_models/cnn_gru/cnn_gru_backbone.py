@@ -108,7 +108,7 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         """The compact CNN's first half of stages (its high-resolution ones); [] for keras.applications encoders.
 
         `pipelines.training` freezes them after concept pretraining: their backward pass is most of the
-        encoder's cost in a captioner step, and training them further did not change the captions.
+        encoder's cost in a captioner step, and training them further changed the captions little.
         """
         return self.image_encoder.stem_layers()
 

@@ -249,7 +249,9 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     ]
     data_epoch = epoch_variable()  # the training order is the epoch's, also after --resume
     callbacks.append(EpochOrder(data_epoch, offset=concept_epochs))  # after the pretraining's passes
-    pretraining = None
+    pretraining, frozen = None, []
+    if freeze_stem and not concept_epochs:
+        print(f"[{name}] image stem not frozen: freezing applies only after concept pretraining, which this run skips")
     if custom_loop:
         def data(split: str, training: bool):
             return lambda ctx: make_dataset(splits[split], model.image_config, ctx.get_per_replica_batch_size(batch_size),
@@ -284,6 +286,7 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
         "train_seconds": round(seconds, 1),
         "stopped_by_time_budget": budget_cb.stopped_early,
         "concept_pretraining": pretraining,
+        "frozen_stem_layers": frozen,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "replicas": strategy.num_replicas_in_sync,

@@ -253,6 +253,7 @@ def test_a_small_preset_run_pretrains_concepts_then_trains_and_reports_it(tmp_pa
     (run,) = [p.parent for p in tmp_path.glob("*/summary.json")]
     model = json.loads((run / "summary.json").read_text())["models"]["cnn_gru"]
     assert model["concept_pretraining"]["status"] == "trained" and model["concept_pretraining"]["best_epoch"] == 1
+    assert model["frozen_stem_layers"][:2] == ["block1_conv1", "block1_conv1_bn"]
     assert model["epochs_run"] == 1 and "fields" in model["metrics"]
     assert len((run / "cnn_gru" / "concept_history.csv").read_text().splitlines()) == 2
     assert not (run / "cnn_gru" / PRETRAINED_WEIGHTS).exists()  # the finished model holds them

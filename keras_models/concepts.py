@@ -83,7 +83,13 @@ class ConceptHead(keras.layers.Layer):
     def quadrant_max(self, features):
         """Max over each quadrant of the h x w map (the middle row/column joins both halves when odd): 4 x `[B, D]`."""
         h, w = self.grid
-        grid = ops.reshape(features[:, -h * w:, :], (-1, h, w, features.shape[-1]))
+        if features.shape[1] != h * w:  # leading rows such as a class token
+            features = features[:, -h * w:, :]
+        depth = features.shape[-1]
+        if h % 2 == 0 and w % 2 == 0:  # one reduction over a [B, 2, h/2, 2, w/2, D] view: cheaper to differentiate
+            maxima = ops.max(ops.reshape(features, (-1, 2, h // 2, 2, w // 2, depth)), axis=(2, 4))
+            return [maxima[:, row, col] for row in (0, 1) for col in (0, 1)]
+        grid = ops.reshape(features, (-1, h, w, depth))
         rows = (grid[:, : (h + 1) // 2], grid[:, h // 2:])
         return [ops.max(half[:, :, cols], axis=(1, 2))
                 for half in rows for cols in (slice(0, (w + 1) // 2), slice(w // 2, w))]

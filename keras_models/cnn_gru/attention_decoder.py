@@ -122,9 +122,10 @@ class AttentionGRUDecoder(keras.layers.Layer):
         else:
             # A Python loop over a known length: TensorFlow's scan cannot be differentiated under XLA
             # (which Keras uses on GPU); on CPU both cost the same.
+            # Unstacked once, not indexed per step: each index's gradient is a full-size tensor.
             carry, outputs = init, []
-            for t in range(length):
-                carry, _ = scan_step(carry, (time_major[0][t], time_major[1][t]))
+            for step_inputs in zip(ops.unstack(time_major[0], axis=0), ops.unstack(time_major[1], axis=0)):
+                carry, _ = scan_step(carry, step_inputs)
                 outputs.append(carry)
             outputs = [ops.stack(list(x), axis=0) for x in zip(*outputs)]
         states, contexts, weights = (ops.moveaxis(x, 0, 1) for x in outputs)

@@ -38,10 +38,11 @@ from pipelines.text import build_vocabulary, load_vocabulary, make_tokenizer, sa
 from pipelines.tfrecords import ShardedSplit, is_tfrecord_dataset, list_tfrecord_splits, read_tfrecord_split
 
 DONE_MARKER = "DONE.json"
-# A captioner epoch costs about this many concept pretraining epochs (2 cores, small presets: in-memory steps 2.4x
-# (CNN-GRU) and 2.0x (GIT) in benchmarks.training; in default runs on 2026-12-03, epochs after the first took
-# 72-91 s against 32-45 s (CNN-GRU) and 90 s against 47-57 s (GIT), so for GIT it errs towards the captioner).
-CAPTIONER_EPOCH_COST = 2.2
+# A captioner epoch costs about this many concept pretraining epochs (2 cores, small presets). Measured in default
+# runs on 2026-12-03: before the CNN-GRU's stem froze after pretraining, its epochs after the first took 72-91 s
+# against 32-45 s (2.2 was used then); frozen, its three captioner epochs took 78, 57 and 56 s against 40 s for a
+# later pretraining epoch (1.6), and GIT's 90 s against 47-57 s.
+CAPTIONER_EPOCH_COST = 1.8
 EVALUATION_RESERVE_SECONDS = 60.0  # kept for each evaluation still to come, until one has been timed
 
 

@@ -38,10 +38,10 @@ from pipelines.text import build_vocabulary, load_vocabulary, make_tokenizer, sa
 from pipelines.tfrecords import ShardedSplit, is_tfrecord_dataset, list_tfrecord_splits, read_tfrecord_split
 
 DONE_MARKER = "DONE.json"
-# A captioner epoch costs about this many concept pretraining epochs (2 cores, small presets). Measured in default
-# runs on 2026-12-03: before the CNN-GRU's stem froze after pretraining, its epochs after the first took 72-91 s
-# against 32-45 s (2.2 was used then); frozen, its three captioner epochs took 78, 57 and 56 s against 40 s for a
-# later pretraining epoch (1.6), and GIT's 90 s against 47-57 s.
+# A captioner epoch costs about this many concept pretraining epochs (2 cores, small presets). 2.2 was measured
+# before the CNN-GRU's stem froze after pretraining (its later epochs 72-91 s against 32-45 s). In the two default
+# runs of 2026-12-03 evening, captioner epochs (the first included) against a later pretraining epoch: CNN-GRU
+# 78/57/56 s against 40 s (1.6) and 84/49/82 s against 36 s (2.0); GIT 113/78 s against 47 s (2.0). 1.8 sits between.
 CAPTIONER_EPOCH_COST = 1.8
 EVALUATION_RESERVE_SECONDS = 60.0  # kept for each evaluation still to come, until one has been timed
 

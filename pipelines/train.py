@@ -53,6 +53,7 @@ class TrainConfig:
     seed: int = 0
     strict: bool = False
     distribute: str = "none"
+    parallel: bool | None = None
     synthetic: dict = field(default_factory=lambda: {"n_train": 8000, "n_valid": 1000, "n_test": 1000})
 
 
@@ -86,8 +87,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     p.add_argument("--concept-epochs", type=int, dest="concept_epochs",
                    help="epochs that first train the image encoder and concept head alone to predict each caption's "
                         "words, before the captioner trains (about half a captioner epoch each on CPU; they count "
-                        "against the time budget). Default: the preset's (small: CNN-GRU 4, GIT 3); 0 = off, "
-                        "which did better for the CNN-GRU on a small real sample (README)")
+                        "against the time budget, which cuts them first). Default: the preset's (small: CNN-GRU 12, "
+                        "GIT 10, as many as the budget fits; pretraining also stops once its validation loss rises); "
+                        "0 = off, which did better for the CNN-GRU on a small real sample (README)")
     p.add_argument("--freeze-stem", action=argparse.BooleanOptionalAction, dest="freeze_stem",
                    help="after concept pretraining, freeze the image encoder's early layers (CNN-GRU: the compact "
                         "CNN's high-resolution half; GIT: its conv stem) while the captioner trains the rest: "
@@ -107,6 +109,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                    help="tf.distribute strategy: mirrored = every GPU of this machine (Keras fit); multi-worker = "
                         "the cluster in TF_CONFIG, one process per node (custom training step); only the chief "
                         "(worker 0) writes checkpoints, plots and reports")
+    p.add_argument("--parallel", action=argparse.BooleanOptionalAction,
+                   help="train the models side by side, one process each with an equal share of the CPU cores; each "
+                        "model's preset time budget then extends to the run's deadline. Default: on when training "
+                        "more than one model without --distribute on a machine with no GPU and a core per model (one "
+                        "TensorFlow process keeps 2 cores only partly busy: two processes did about 1.8x the work)")
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
                    help="continue a killed run from its last finished epoch (default: the latest run in --out)")
     p.add_argument("--seed", type=int, default=0, help="random seed for data order, augmentation and weights")

@@ -31,6 +31,7 @@ from pipelines.distributed import (
 )
 from pipelines.evaluate_lib import predict_captions, score_predictions, set_seed, write_predictions
 from pipelines.evaluation_report import plot_examples, write_evaluation_report
+from pipelines.parallel_training import should_train_in_parallel, train_in_parallel
 from pipelines.plots import plot_field_accuracy, plot_history
 from pipelines.report import write_run_report
 from pipelines.rocov2 import list_splits, read_split
@@ -188,12 +189,26 @@ def prepare_tokenizer(cfg, run_dir: Path, train_records):
     return make_tokenizer(vocabulary)
 
 
+def model_budget_minutes(asked: float | None, preset: float | None, whole_run_deadline: float | None = None) -> float | None:
+    """A model's time budget in minutes: `--time-budget` if given (0 = none), else the preset's.
+
+    With `whole_run_deadline` (a `time.perf_counter()` value; the model trains beside the others, see
+    `pipelines.parallel_training`), a preset's budget extends to that deadline.
+    """
+    if asked is not None:
+        return asked
+    if preset and whole_run_deadline is not None:
+        return max(preset, (whole_run_deadline - time.perf_counter()) / 60)
+    return preset
+
+
 def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: tf.distribute.Strategy | None = None,
-              deadline: float | None = None) -> dict:
+              deadline: float | None = None, whole_run: bool = False) -> dict:
     """Fit one captioner with checkpoints, backup/restore, early stopping and a CSV log, on `strategy`'s replicas.
 
     Training stops after the epoch that would overrun the preset's time budget or end after `deadline`
-    (a `time.perf_counter()` value).
+    (a `time.perf_counter()` value). With `whole_run` (models trained side by side), a preset's budget
+    extends to `deadline`; a `--time-budget` given on the command line still holds.
     """
     model_dir = run_dir / name
     model_path = model_dir / "model.keras"
@@ -210,7 +225,8 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     epochs = cfg.epochs or train_cfg.get("epochs", 10)
     batch_size = cfg.batch_size or train_cfg.get("batch_size", 32)
     learning_rate = cfg.learning_rate or train_cfg.get("learning_rate", 1e-3)
-    budget = cfg.time_budget_minutes if cfg.time_budget_minutes is not None else train_cfg.get("time_budget_minutes")
+    budget = model_budget_minutes(cfg.time_budget_minutes, train_cfg.get("time_budget_minutes"),
+                                  deadline if whole_run else None)
     augment = cfg.augment if cfg.augment is not None else train_cfg.get("augment", True)
     concept_epochs = cfg.concept_epochs if cfg.concept_epochs is not None else train_cfg.get("concept_epochs", 0)
     freeze_stem = cfg.freeze_stem if cfg.freeze_stem is not None else train_cfg.get("freeze_stem", False)
@@ -231,7 +247,8 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
                          "to pretrain (use a preset with one, e.g. small, or --concept-epochs 0).")
     print(f"\n[{name}] preset {cfg.preset}: {model.count_params():,} parameters; "
           f"{epochs} epochs max x {steps} steps of {batch_size}; lr {learning_rate:g}; "
-          f"time budget {budget or 'none'} min{_deadline_note(deadline)}; augmentation {'on' if augment else 'off'}; "
+          f"time budget {f'{budget:.3g} min' if budget else 'none'}{_deadline_note(deadline)}; "
+          f"augmentation {'on' if augment else 'off'}; "
           f"concept pretraining {concept_epochs or 'off'}{' epochs' if concept_epochs else ''}; "
           f"{strategy.num_replicas_in_sync} replica(s) ({type(strategy).__name__})")
     start = time.perf_counter()
@@ -354,14 +371,20 @@ def run_training(cfg, run_dir: Path, resumed: bool, cache_dir: Path) -> Path | N
     context = {"dataset": str(root), "split": eval_split, "images": len(splits[eval_split]),
                "skipped_rows": reports[eval_split].total - reports[eval_split].valid}
     results, captions = {}, {}
-    for i, name in enumerate(names):
-        trained = train_one(name, cfg, tokenizer, splits, run_dir, strategy, deadline(len(names) - i))
-        model = trained.pop("model")
-        print(f"\n[{name}] evaluating on {eval_split} ({len(eval_records)} images)")
-        evaluation_started = time.perf_counter()
-        trained["metrics"], captions[name] = evaluate_one(name, model, eval_records, run_dir / name, context)
-        evaluation_seconds = time.perf_counter() - evaluation_started
-        results[name] = trained
+    parallel = should_train_in_parallel(cfg.parallel, len(names), cfg.distribute)
+    if parallel:  # each model in its own process, each evaluating its own; deadline(1): one evaluation each
+        for name, (trained, captions[name]) in train_in_parallel(names, cfg, run_dir, splits, eval_records, context,
+                                                                 deadline(1)).items():
+            results[name] = trained
+    else:
+        for i, name in enumerate(names):
+            trained = train_one(name, cfg, tokenizer, splits, run_dir, strategy, deadline(len(names) - i))
+            model = trained.pop("model")
+            print(f"\n[{name}] evaluating on {eval_split} ({len(eval_records)} images)")
+            evaluation_started = time.perf_counter()
+            trained["metrics"], captions[name] = evaluate_one(name, model, eval_records, run_dir / name, context)
+            evaluation_seconds = time.perf_counter() - evaluation_started
+            results[name] = trained
     fields = {n: r["metrics"]["fields"] for n, r in results.items()}
     plot_field_accuracy(fields, run_dir / "field_accuracy.png", f"Field accuracy on {eval_split}")
     plot_examples(eval_records, captions, run_dir / "examples.png")
@@ -370,6 +393,7 @@ def run_training(cfg, run_dir: Path, resumed: bool, cache_dir: Path) -> Path | N
         "splits": {s: {"usable": r.valid, "total": r.total} for s, r in reports.items()},
         "eval_split": eval_split,
         "resumed": resumed,
+        "parallel": parallel,
         "wall_seconds": round(time.perf_counter() - started, 1),
         "models": results,
         "config": asdict(cfg),

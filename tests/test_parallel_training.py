@@ -1,0 +1,115 @@
+"""Training the captioners side by side (`pipelines/parallel_training.py`): when, how it prints, what a kill leaves."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines import parallel_training
+from pipelines.parallel_training import PrefixedStream, should_train_in_parallel
+from pipelines.train import parse_args
+from pipelines.training import model_budget_minutes
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_RUN = [sys.executable, "pipelines/train.py", "--dataset", "pipelines/examples", "--preset", "tiny",
+            "--vocab-size", "200"]
+
+
+def test_each_line_gets_the_prefix_once_also_progress_bar_updates():
+    out = io.StringIO()
+    stream = PrefixedStream(out, "[git] ")
+    stream.write("Epoch 1/3\n250/250 - 56s")
+    stream.write(" - loss: 1.0\n\n[git] already prefixed\n")
+    stream.write("\rcaptioning: 50%")
+    stream.flush()  # tqdm flushes after each update: the partial line goes out
+    stream.write("\rcaptioning: 100%\n")
+    assert out.getvalue() == ("[git] Epoch 1/3\n[git] 250/250 - 56s - loss: 1.0\n\n[git] already prefixed\n"
+                              "\r[git] captioning: 50%\r[git] captioning: 100%\n")
+
+
+def test_parallel_by_default_only_for_several_undistributed_models_with_a_core_each(monkeypatch):
+    monkeypatch.setattr(parallel_training, "usable_cpus", lambda: 2)
+    assert should_train_in_parallel(None, 2, "none")  # this suite runs without a GPU
+    assert not should_train_in_parallel(None, 1, "none")
+    assert not should_train_in_parallel(True, 1, "none")  # nothing to run beside
+    assert not should_train_in_parallel(None, 2, "mirrored")
+    assert not should_train_in_parallel(False, 2, "none")
+    monkeypatch.setattr(parallel_training, "usable_cpus", lambda: 1)
+    assert not should_train_in_parallel(None, 2, "none")
+    assert should_train_in_parallel(True, 2, "none")
+    assert parse_args(["--no-parallel"])[0].parallel is False and parse_args([])[0].parallel is None
+
+
+def test_side_by_side_a_preset_budget_extends_to_the_run_deadline_but_an_asked_one_holds():
+    ten_minutes_on = time.perf_counter() + 600
+    assert model_budget_minutes(None, 6.2) == 6.2  # one after the other: the preset's share
+    assert 9.9 < model_budget_minutes(None, 6.2, ten_minutes_on) <= 10.0
+    assert model_budget_minutes(None, 6.2, time.perf_counter() + 60) == 6.2  # never less than the preset's
+    assert model_budget_minutes(3.0, 6.2, ten_minutes_on) == 3.0
+    assert model_budget_minutes(0, 6.2, ten_minutes_on) == 0  # --time-budget 0: no limit
+    assert model_budget_minutes(None, None, ten_minutes_on) is None  # presets without a budget stay unbudgeted
+
+
+def test_both_models_train_side_by_side_and_report_together(tmp_path):
+    done = subprocess.run(TINY_RUN + ["--epochs", "1", "--parallel", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "side by side, one process each with" in done.stdout
+    for name in ("cnn_gru", "git"):  # each child's lines carry its model's name, once
+        assert f"[{name}] evaluating on valid" in done.stdout
+        assert f"[{name}] [{name}]" not in done.stdout
+    (summary_path,) = tmp_path.glob("*/summary.json")
+    summary = json.loads(summary_path.read_text())
+    assert summary["parallel"] is True and set(summary["models"]) == {"cnn_gru", "git"}
+    for name, model in summary["models"].items():
+        assert model["epochs_run"] == 1 and "fields" in model["metrics"]
+        assert (summary_path.parent / name / "model.keras").is_file()
+    assert "the models trained side by side" in (summary_path.parent / "report.md").read_text()
+
+
+def _children(pid: int) -> list[int]:
+    found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.is_file() and stat.read_text().split()[2] == "Z")  # a zombie has stopped
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and uses pgrep")
+def test_a_killed_parallel_run_leaves_no_training_behind_and_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    command = TINY_RUN + ["--epochs", "6", "--parallel", "--run-dir", str(run_dir)]
+    parent = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not all((run_dir / name / "history.csv").is_file() for name in ("cnn_gru", "git")):
+            assert parent.poll() is None and time.monotonic() < deadline, "both models should be training by now"
+            time.sleep(0.5)
+        workers = [pid for child in _children(parent.pid) for pid in [child, *_children(child)]]
+        assert len(workers) >= 2
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        give_up = time.monotonic() + 30
+        while any(_alive(pid) for pid in workers) and time.monotonic() < give_up:
+            time.sleep(0.5)
+        assert not any(_alive(pid) for pid in workers), "training processes outlived the killed run"
+    finally:
+        parent.kill()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed"] and set(summary["models"]) == {"cnn_gru", "git"}

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS = ["cnn_gru:tiny", "cnn_gru:small", "cnn_gru:efficientnetb0", "cnn_gru:densenet121",
            "git:tiny", "git:small", "git:base"]
 DEFAULTS = {"dataset": None, "model": "all", "preset": "small", "epochs": None, "batch_size": None,
-            "max_train_examples": None, "time_budget_minutes": None}
+            "max_train_examples": None, "time_budget_minutes": None, "parallel": None}
 
 
 def example_captions() -> list[str]:
@@ -103,6 +103,7 @@ def default_run_seconds(runs: Path) -> dict | None:
         return None
     name, data = max(found)
     return {"run": name, "wall_seconds": data["wall_seconds"], "resumed": data.get("resumed", False),
+            "side_by_side": data.get("parallel", False),
             "models": {m: {k: r.get(k) for k in ("epochs_run", "train_seconds", "stopped_by_time_budget")}
                        for m, r in data["models"].items()}}
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", nargs="+", default=PRESETS, help="MODEL:PRESET pairs")
     p.add_argument("--steps", type=int, default=8, help="timed steps per preset")
     p.add_argument("--runs", type=Path, default=REPO / "runs", help="where pipelines/train.py writes its runs")
-    p.add_argument("--run-default", action="store_true", help="run `python pipelines/train.py` first (~10 min)")
+    p.add_argument("--run-default", action="store_true", help="run `python pipelines/train.py` first (~14 min)")
     p.add_argument("--out", help="JSON path (default benchmarks/results/training.json)")
     args = p.parse_args(argv)
 

@@ -12,6 +12,7 @@ kept once it has finished until the captioner's own backup takes over.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -38,6 +39,12 @@ def freeze_image_stem(model) -> list[str]:
     return [layer.name for layer in layers]
 
 
+def _epochs_logged(out_dir: Path) -> int:
+    """Pretraining epochs that `concept_history.csv` records (one row each after the header)."""
+    log = out_dir / "concept_history.csv"
+    return max(0, len(log.read_text().splitlines()) - 1) if log.is_file() else 0
+
+
 def pretrain_concepts(model, train_ds: tf.data.Dataset, valid_ds: tf.data.Dataset, epochs: int,
                       schedule: keras.optimizers.schedules.LearningRateSchedule, out_dir: Path, data_epoch: tf.Variable,
                       strategy: tf.distribute.Strategy, callbacks: list | None = None) -> dict:
@@ -54,10 +61,10 @@ def pretrain_concepts(model, train_ds: tf.data.Dataset, valid_ds: tf.data.Datase
     """
     weights = out_dir / PRETRAINED_WEIGHTS
     if (out_dir / "backup").exists():
-        return {"epochs": epochs, "seconds": 0.0, "status": "restored with the captioner's backup"}
+        return {"epochs": _epochs_logged(out_dir), "seconds": 0.0, "status": "restored with the captioner's backup"}
     if weights.is_file():
         model.load_weights(weights)
-        return {"epochs": epochs, "seconds": 0.0, "status": f"loaded from {weights.name}"}
+        return {"epochs": _epochs_logged(out_dir), "seconds": 0.0, "status": f"loaded from {weights.name}"}
     with strategy.scope():
         tagger = ConceptTagger(model.backbone, name="concept_tagger")
         tagger.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
@@ -82,10 +89,14 @@ def pretrain_concepts(model, train_ds: tf.data.Dataset, valid_ds: tf.data.Datase
         ],
     )
     seconds = time.perf_counter() - start
-    model.save_weights(weights)
+    partial = weights.with_name("partial." + weights.name)  # atomically: a kill may land while it is written
+    model.save_weights(partial)
+    os.replace(partial, weights)
     done = history.epoch[-1] + 1 if history.epoch else 0  # a resumed fit numbers its epochs from where it resumed
     kept = best.best_epoch + 1 if history.epoch else 0
     print(f"concept pretraining: {done} epochs, {seconds / 60:.1f} min; keeping epoch {kept} "
           f"(validation word loss {best.best:.3f})")
+    cut = any(getattr(callback, "stopped_early", False) for callback in callbacks or [])
     return {"epochs": done, "best_epoch": kept, "seconds": round(seconds, 1), "status": "trained",
+            "stopped_by_time_budget": cut,
             **({"val_word_loss": round(float(best.best), 4)} if history.epoch else {})}

@@ -20,8 +20,8 @@ import os
 import sys
 import threading
 import time
+import traceback
 import types
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +32,14 @@ def usable_cpus() -> int:
 
 
 def should_train_in_parallel(requested: bool | None, models: int, distribute: str) -> bool:
-    """`--parallel` as asked; by default when training several models, undistributed, with no GPU and a core each."""
+    """`--parallel` as asked; by default when training several models, undistributed, with no GPU and a core each.
+
+    `models` counts the models still to train (a resumed run may have finished some).
+    """
     if models < 2 or distribute != "none":
+        if requested:
+            print("--parallel: " + ("not with --distribute" if distribute != "none" else "one model to train")
+                  + "; training one model after the other")
         return False
     if requested is not None:
         return requested
@@ -43,14 +49,15 @@ def should_train_in_parallel(requested: bool | None, models: int, distribute: st
 
 
 class PrefixedStream(io.TextIOBase):
-    """A text stream that starts each line (ended by a newline or a carriage return) with `prefix`, once.
+    """A text stream that starts each line (after a newline or a carriage return) with `prefix`, once.
 
-    Lines are written whole, so two processes sharing a terminal do not split each other's lines; a line that
-    already starts with the prefix (`train_one`'s own "[model] ..." messages) keeps just the one.
+    Complete lines go out in one write, so two processes sharing a terminal rarely split each other's lines;
+    a line that already starts with the prefix (`train_one`'s own "[model] ..." messages) keeps just the one.
+    TensorFlow's C++ logs write to the file descriptor directly and stay unprefixed.
     """
 
     def __init__(self, stream, prefix: str):
-        self.stream, self.prefix, self.pending = stream, prefix, ""
+        self.stream, self.prefix, self.pending, self.at_line_start = stream, prefix, "", True
 
     def write(self, text: str) -> int:
         self.pending += text
@@ -59,19 +66,35 @@ class PrefixedStream(io.TextIOBase):
             self._emit(line)
         return len(text)
 
-    def _emit(self, line: str) -> None:
-        self.stream.write(line if not line.strip() or line.startswith(self.prefix) else self.prefix + line)
+    def _emit(self, text: str) -> None:
+        starts_line = self.at_line_start and text.strip() and not text.startswith(self.prefix)
+        self.stream.write(self.prefix + text if starts_line else text)
         self.stream.flush()
+        self.at_line_start = text.endswith(("\n", "\r"))
 
     def flush(self) -> None:
-        """Write out a pending partial line too (the process is about to stop, or a prompt waits)."""
+        """Write out a pending partial line too (a progress bar's update, or the process is about to stop)."""
         if self.pending:
-            line, self.pending = self.pending, ""
-            self._emit(line)
+            text, self.pending = self.pending, ""
+            self._emit(text)
         self.stream.flush()
+
+    def writable(self) -> bool:
+        return True
 
     def isatty(self) -> bool:
         return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return self.stream.encoding
+
+    @property
+    def errors(self) -> str | None:
+        return self.stream.errors
 
 
 @dataclass
@@ -99,15 +122,16 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def train_and_evaluate(job: ModelJob, parent: int) -> tuple[dict, list[str]]:
+def train_and_evaluate(job: ModelJob) -> tuple[dict, list[str]]:
     """In a child process: train `job.name` with `job.threads` CPU threads, evaluate it; (info, captions)."""
-    _exit_with_parent(parent)
     sys.stdout = PrefixedStream(sys.stdout, f"[{job.name}] ")
     sys.stderr = PrefixedStream(sys.stderr, f"[{job.name}] ")
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(job.threads)
     tf.config.threading.set_inter_op_parallelism_threads(job.threads)
+    for gpu in tf.config.list_physical_devices("GPU"):  # an explicit --parallel on a GPU machine: share it
+        tf.config.experimental.set_memory_growth(gpu, True)
     from pipelines.training import evaluate_one, prepare_tokenizer, train_one
 
     tokenizer = prepare_tokenizer(job.cfg, job.run_dir, job.splits["train"])  # the parent wrote vocab.txt
@@ -118,38 +142,62 @@ def train_and_evaluate(job: ModelJob, parent: int) -> tuple[dict, list[str]]:
     model = trained.pop("model")
     print(f"evaluating on {job.context['split']} ({len(job.eval_records)} images)", flush=True)
     trained["metrics"], captions = evaluate_one(job.name, model, job.eval_records, job.run_dir / job.name, job.context)
-    sys.stdout.flush()
-    sys.stderr.flush()
     return trained, captions
+
+
+def _child(job: ModelJob, parent: int, results) -> None:
+    """A child process's entry: send ("ok", (info, captions)) or ("error", message) back through `results`."""
+    _exit_with_parent(parent)
+    try:
+        results.send(("ok", train_and_evaluate(job)))
+    except BaseException as error:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too: the parent reports it
+        results.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def train_in_parallel(names, cfg, run_dir: Path, splits: dict, eval_records, context: dict,
                       deadline: float | None) -> dict[str, tuple[dict, list[str]]]:
     """Train and evaluate each of `names` in its own process at once; {name: (info, captions)}.
 
-    `deadline` is a `time.perf_counter()` value by which training must end (None: none). A model that
-    fails raises here once the others have finished, so their work is kept for `--resume`.
+    `deadline` is a `time.perf_counter()` value by which training must end (None: none). Each model has its
+    own process, so one that fails or dies (out of memory, say) leaves the others to finish; it is reported
+    here once they have, and `--resume` continues it. If the parent is interrupted, it stops every child.
     """
     threads = max(1, usable_cpus() // len(names))
-    now = time.perf_counter()
-    deadline_in = None if deadline is None else max(0.0, deadline - now)
+    deadline_in = None if deadline is None else max(0.0, deadline - time.perf_counter())
     print(f"\nTraining {', '.join(names)} side by side, one process each with {threads} CPU thread(s) of "
           f"{usable_cpus()}" + (f"; each may train until {deadline_in / 60:.1f} min from now" if deadline_in else "")
           + " (--no-parallel trains them one after the other)", flush=True)
     cfg = types.SimpleNamespace(**vars(cfg))
-    jobs = [ModelJob(name, cfg, run_dir, splits, eval_records, context, deadline_in, time.time(), threads)
-            for name in names]
-    context_spawn = multiprocessing.get_context("spawn")  # a fresh TensorFlow runtime per model
-    with ProcessPoolExecutor(max_workers=len(jobs), mp_context=context_spawn) as pool:
-        futures = {job.name: pool.submit(train_and_evaluate, job, os.getpid()) for job in jobs}
-        results, failures = {}, {}
-        for name, future in futures.items():
+    spawn = multiprocessing.get_context("spawn")  # a fresh TensorFlow runtime per model
+    children = {}
+    for name in names:
+        receive, send = spawn.Pipe(duplex=False)
+        job = ModelJob(name, cfg, run_dir, splits, eval_records, context, deadline_in, time.time(), threads)
+        process = spawn.Process(target=_child, args=(job, os.getpid(), send), name=f"medcap-{name}")
+        process.start()
+        send.close()  # the child holds its end: a child that dies closes the pipe
+        children[name] = (process, receive)
+    results, failures = {}, {}
+    try:
+        for name, (process, receive) in children.items():
             try:
-                results[name] = future.result()
-            except Exception as error:  # noqa: BLE001 - reported below, after the other models finish
-                failures[name] = error
+                status, payload = receive.recv()  # blocks until the child answers or dies
+            except EOFError:
+                process.join()
+                status, payload = "error", f"its process ended with exit code {process.exitcode} and no result"
+            process.join()
+            if status == "ok":
+                results[name] = payload
+            else:
+                failures[name] = payload
+    except BaseException:
+        for process, _ in children.values():
+            process.terminate()
+        raise
     if failures:
-        name, error = next(iter(failures.items()))
-        raise RuntimeError(f"Training {', '.join(failures)} failed in parallel; finished models are kept "
-                           f"(--resume continues the run): {name}: {error}") from error
+        raise RuntimeError("Training side by side failed for " + "; ".join(f"{n}: {e}" for n, e in failures.items())
+                           + "\nModels that finished are kept; --resume continues the run.")
     return results

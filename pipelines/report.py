@@ -35,7 +35,8 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
         + ", ".join(f"{s} {v['usable']}/{v['total']}" for s, v in summary["splits"].items()),
         f"- Evaluated on: **{summary['eval_split']}**; wall time of the whole run: "
         f"{summary['wall_seconds'] / 60:.1f} min" + (" (resumed run: this process only)" if summary["resumed"] else "")
-        + ("; the models trained side by side, one process each" if summary.get("parallel") else ""),
+        + ("; the models trained side by side, one process each, so each one's times (training, captions per second) "
+           "were taken while the other ran" if summary.get("parallel") else ""),
         "",
         "## Models",
         "",

@@ -79,8 +79,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                         "(default: the preset's CPU budget; 0 = no limit, also for --run-time-budget)")
     p.add_argument("--run-time-budget", type=float, dest="run_time_budget_minutes", default=14.5,
                    help="models trained under a time budget also stop early enough that the whole run, "
-                        "evaluations included, ends within this many minutes: the last one gets what the first left "
-                        "(default 14.5, what the CPU presets are sized for; 0 = no limit)")
+                        "evaluations included, ends within this many minutes: one after the other, the last one gets what "
+                        "the first left; side by side, each may train until then (default 14.5, what the CPU presets are sized for; 0 = no limit)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random rotation, zoom and contrast on training images, never a flip (default: the "
                         "preset's; off for the short small-preset runs, where it slowed learning)")

@@ -314,7 +314,8 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     print(f"[{name}] final weights sha256 {info['weights_sha256']}")
     if chief:
         plot_history(model_dir / "history.csv", model_dir / "curves.png", f"{name} ({cfg.preset}) training")
-        (model_dir / DONE_MARKER).write_text(json.dumps(info, indent=2))
+        (model_dir / "DONE.json.tmp").write_text(json.dumps(info, indent=2))  # atomically: a kill may land here
+        os.replace(model_dir / "DONE.json.tmp", model_dir / DONE_MARKER)
         (model_dir / PRETRAINED_WEIGHTS).unlink(missing_ok=True)  # the trained model now holds them
     else:
         shutil.rmtree(out_dir, ignore_errors=True)
@@ -371,7 +372,8 @@ def run_training(cfg, run_dir: Path, resumed: bool, cache_dir: Path) -> Path | N
     context = {"dataset": str(root), "split": eval_split, "images": len(splits[eval_split]),
                "skipped_rows": reports[eval_split].total - reports[eval_split].valid}
     results, captions = {}, {}
-    parallel = should_train_in_parallel(cfg.parallel, len(names), cfg.distribute)
+    to_train = [name for name in names if not (run_dir / name / DONE_MARKER).is_file()]  # a resumed run
+    parallel = should_train_in_parallel(cfg.parallel, len(to_train), cfg.distribute)
     if parallel:  # each model in its own process, each evaluating its own; deadline(1): one evaluation each
         for name, (trained, captions[name]) in train_in_parallel(names, cfg, run_dir, splits, eval_records, context,
                                                                  deadline(1)).items():

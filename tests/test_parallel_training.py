@@ -31,13 +31,22 @@ def test_each_line_gets_the_prefix_once_also_progress_bar_updates():
     stream.write("\rcaptioning: 50%")
     stream.flush()  # tqdm flushes after each update: the partial line goes out
     stream.write("\rcaptioning: 100%\n")
+    stream.write("a line written")
+    stream.flush()  # print(..., end="", flush=True): the rest of the line gets no second prefix
+    stream.write(" in two parts\n")
     assert out.getvalue() == ("[git] Epoch 1/3\n[git] 250/250 - 56s - loss: 1.0\n\n[git] already prefixed\n"
-                              "\r[git] captioning: 50%\r[git] captioning: 100%\n")
+                              "\r[git] captioning: 50%\r[git] captioning: 100%\n[git] a line written in two parts\n")
+    encoded = PrefixedStream(io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), "[git] ")
+    assert encoded.writable() and encoded.encoding == "utf-8"  # tqdm reads it to pick its bar characters
 
 
 def test_parallel_by_default_only_for_several_undistributed_models_with_a_core_each(monkeypatch):
+    import tensorflow as tf
+
+    gpus = []
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: gpus if kind == "GPU" else [])
     monkeypatch.setattr(parallel_training, "usable_cpus", lambda: 2)
-    assert should_train_in_parallel(None, 2, "none")  # this suite runs without a GPU
+    assert should_train_in_parallel(None, 2, "none")
     assert not should_train_in_parallel(None, 1, "none")
     assert not should_train_in_parallel(True, 1, "none")  # nothing to run beside
     assert not should_train_in_parallel(None, 2, "mirrored")
@@ -45,6 +54,9 @@ def test_parallel_by_default_only_for_several_undistributed_models_with_a_core_e
     monkeypatch.setattr(parallel_training, "usable_cpus", lambda: 1)
     assert not should_train_in_parallel(None, 2, "none")
     assert should_train_in_parallel(True, 2, "none")
+    monkeypatch.setattr(parallel_training, "usable_cpus", lambda: 8)
+    gpus.append("GPU:0")  # a GPU trains them faster one after the other
+    assert not should_train_in_parallel(None, 2, "none") and should_train_in_parallel(True, 2, "none")
     assert parse_args(["--no-parallel"])[0].parallel is False and parse_args([])[0].parallel is None
 
 
@@ -75,9 +87,10 @@ def test_both_models_train_side_by_side_and_report_together(tmp_path):
     assert "the models trained side by side" in (summary_path.parent / "report.md").read_text()
 
 
-def _children(pid: int) -> list[int]:
+def _training_processes(pid: int) -> list[int]:
+    """The spawned children of `pid` (multiprocessing's own helper processes are not training)."""
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in found]
+    return [int(p) for p in found if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
 
 
 def _alive(pid: int) -> bool:
@@ -99,8 +112,8 @@ def test_a_killed_parallel_run_leaves_no_training_behind_and_resumes(tmp_path):
         while not all((run_dir / name / "history.csv").is_file() for name in ("cnn_gru", "git")):
             assert parent.poll() is None and time.monotonic() < deadline, "both models should be training by now"
             time.sleep(0.5)
-        workers = [pid for child in _children(parent.pid) for pid in [child, *_children(child)]]
-        assert len(workers) >= 2
+        workers = _training_processes(parent.pid)
+        assert len(workers) == 2
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         give_up = time.monotonic() + 30
@@ -113,3 +126,18 @@ def test_a_killed_parallel_run_leaves_no_training_behind_and_resumes(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed"] and set(summary["models"]) == {"cnn_gru", "git"}
+
+
+def test_a_model_that_fails_side_by_side_leaves_the_other_to_finish(tmp_path):
+    from pipelines.parallel_training import train_in_parallel
+    from pipelines.training import prepare_data, prepare_tokenizer
+
+    cfg, _ = parse_args(["--dataset", "pipelines/examples", "--preset", "tiny", "--epochs", "1", "--vocab-size", "200",
+                         "--run-dir", str(tmp_path)])
+    _, splits, _ = prepare_data(cfg, tmp_path)
+    prepare_tokenizer(cfg, tmp_path, splits["train"])  # writes the vocab.txt that the children read
+    context = {"dataset": "pipelines/examples", "split": "valid", "images": len(splits["valid"]), "skipped_rows": 0}
+    with pytest.raises(RuntimeError, match=r"failed for no_such_model: ValueError") as failed:
+        train_in_parallel(["cnn_gru", "no_such_model"], cfg, tmp_path, splits, splits["valid"], context, None)
+    assert "--resume continues the run" in str(failed.value)
+    assert (tmp_path / "cnn_gru" / "DONE.json").is_file() and (tmp_path / "cnn_gru" / "metrics.json").is_file()

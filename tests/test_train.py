@@ -143,24 +143,26 @@ def test_concept_pretraining_trains_once_then_resumes_instead_of_repeating(tmp_p
     images = np.random.RandomState(0).uniform(-1, 1, (3, 32, 32, 1)).astype("float32")
     data = tf.data.Dataset.from_tensor_slices({"images": images, "captions": captions}).batch(3)
 
-    def attempt(seed: int):
+    def attempt(seed: int, epochs: int = 2):
         keras.utils.set_random_seed(seed)
         model = build_captioner("cnn_gru", "tiny", tokenizer, concept_loss_weight=1.0)
         untrained = weights_of(model)
-        info = pretrain_concepts(model, data, data, 2, warmup_cosine(1e-2, 2, 1), tmp_path, epoch_variable(),
+        info = pretrain_concepts(model, data, data, epochs, warmup_cosine(1e-2, epochs, 1), tmp_path, epoch_variable(),
                                  tf.distribute.get_strategy())
         return model, untrained, info
 
     first, untrained, info = attempt(0)
     # training on its validation data, the word loss only falls: both epochs run, the last is kept
     assert info["status"] == "trained" and info["epochs"] == info["best_epoch"] == 2 and info["val_word_loss"] > 0
+    assert info["stopped_by_time_budget"] is False and not list(tmp_path.glob("partial.*"))
     assert len((tmp_path / "concept_history.csv").read_text().splitlines()) == 1 + 2  # header + one row per epoch
     assert any(not np.array_equal(a, b) for a, b in zip(untrained, weights_of(first)))
     assert (tmp_path / PRETRAINED_WEIGHTS).is_file() and not (tmp_path / "backup_concepts").exists()
 
-    # killed before the captioner's first backup: the finished pretraining is loaded, not repeated
-    second, untrained, info = attempt(1)
-    assert info["status"].startswith("loaded") and info["seconds"] == 0
+    # killed before the captioner's first backup: the finished pretraining is loaded, not repeated, and the
+    # report gives the epochs it ran, not the ones the run planned
+    second, untrained, info = attempt(1, epochs=5)
+    assert info["status"].startswith("loaded") and info["seconds"] == 0 and info["epochs"] == 2
     for a, b in zip(weights_of(first), weights_of(second)):
         np.testing.assert_array_equal(a, b)
 

@@ -51,7 +51,7 @@ def _caption_fn(model, sampler, max_length: int, max_pixels: int):
         pixels = preprocess_images(images, model.image_config, max_pixels)
         inputs = model.preprocessor.generate_preprocess({"images": pixels}, sequence_length=max_length)
         outputs = model.generate_step(inputs, stop_token_ids=stop)
-        log_probs = model.token_log_probs({"images": pixels, **outputs})
+        log_probs = model.generated_log_probs(pixels, outputs)
         counts = tf.reduce_sum(tf.cast(outputs["padding_mask"][:, 1:], tf.float32), axis=-1)
         return {
             "captions": captions_from_ids(tokenizer, outputs["token_ids"], outputs["padding_mask"]),

@@ -11,6 +11,10 @@ with every keras-hub sampler (greedy, beam, top-k, top-p, ...):
   whose leading axis is the batch (beam search repeats it per beam).
 - `call_with_cache(token_ids, cache, cache_update_index) -> (logits, hidden_states, cache)`:
   one decoding step for text position `cache_update_index` (0 is [CLS]).
+
+`generate()` and the SavedModel score each caption (mean log-probability per token) with
+`generated_log_probs`: a teacher-forced pass of the whole model, unless the subclass's
+`generate_step` already scored its tokens from its cache (GIT does).
 """
 
 from __future__ import annotations
@@ -122,10 +126,20 @@ class ImageCaptioner(keras_hub.models.CausalLM):
                 "padding_mask": inputs["padding_mask"][:, :-1],
             }
         )
-        log_probs = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
-        targets = ops.expand_dims(inputs["token_ids"][:, 1:], -1)
-        picked = ops.squeeze(ops.take_along_axis(log_probs, targets, axis=-1), -1)
-        return picked * ops.cast(inputs["padding_mask"][:, 1:], "float32")
+        return picked_log_probs(logits, inputs["token_ids"], inputs["padding_mask"])
+
+    def generated_log_probs(self, images, outputs):
+        """Log-probabilities of `generate_step`'s tokens (`[B, T - 1]`, zero where masked).
+
+        A `generate_step` that scored its tokens from its decoding cache returns them as
+        `outputs["token_log_probs"]` (GIT: no second pass of the image encoder); otherwise
+        a teacher-forced pass of the whole model scores them.
+        """
+        if "token_log_probs" in outputs:
+            return outputs["token_log_probs"]
+        return self.token_log_probs(
+            {"images": images, "token_ids": outputs["token_ids"], "padding_mask": outputs["padding_mask"]}
+        )
 
     def generate(
         self,
@@ -156,11 +170,10 @@ class ImageCaptioner(keras_hub.models.CausalLM):
                 {"images": images[start : start + batch_size]}, sequence_length=max_length
             )
             outputs = generate_function(inputs, stop_token_ids=stop)
-            scored = {"images": inputs["images"], **outputs}
-            log_probs = ops.convert_to_numpy(self.token_log_probs(scored))
+            log_probs = ops.convert_to_numpy(self.generated_log_probs(inputs["images"], outputs))
             mask = ops.convert_to_numpy(outputs["padding_mask"])[:, 1:]
             captions = self.preprocessor.generate_postprocess(
-                {k: ops.convert_to_numpy(v) for k, v in outputs.items()}
+                {k: ops.convert_to_numpy(outputs[k]) for k in ("token_ids", "padding_mask")}
             )
             details["captions"] += [as_text(c) for c in np.atleast_1d(ops.convert_to_numpy(captions))]
             details["scores"] += list(log_probs.sum(-1) / np.maximum(mask.sum(-1), 1))
@@ -177,6 +190,14 @@ def as_text(value) -> str:
     if isinstance(value, bytes):
         value = value.decode("utf-8")
     return " ".join(str(value).split())
+
+
+def picked_log_probs(logits, token_ids, padding_mask):
+    """Log-probability of each token `token_ids[:, 1:]` under `logits` `[B, T - 1, vocab]`, zero where masked."""
+    log_probs = ops.log_softmax(ops.cast(logits, "float32"), axis=-1)
+    targets = ops.expand_dims(token_ids[:, 1:], -1)
+    picked = ops.squeeze(ops.take_along_axis(log_probs, targets, axis=-1), -1)
+    return picked * ops.cast(padding_mask[:, 1:], "float32")
 
 
 def generated_mask(token_ids, padding_mask, stop_token_ids):

@@ -13,6 +13,7 @@ import keras_hub
 import numpy as np
 import pytest
 
+from keras_models.captioner import get_sampler
 from keras_models.git import GitCaptioner, build_git_captioner
 from keras_models.git.convert_hf import convert_checkpoint, load_hf_weights, load_state_dict, main
 from keras_models.git.git_causal_lm import SparseCrossentropyWithLabelSmoothing
@@ -292,8 +293,23 @@ def test_beam_search_encodes_images_once(tokenizer, monkeypatch):
     model.sampler = keras_hub.samplers.BeamSampler(num_beams=3)
     inputs = model.preprocessor.generate_preprocess({"images": tiny_data(2)["images"]}, sequence_length=8)
     model.generate_step(inputs)
-    assert seen == [2], seen  # one call, for the 2 images, not 2 x 3 beams
-    assert len(steps) == 7
+    assert seen == [2], seen  # one call, for the 2 images, not 2 x 3 beams, and none to score the captions
+    assert len(steps) == 7 + 1  # 7 decoding steps, then one pass over the chosen tokens scores them
+
+
+@pytest.mark.parametrize("sampler", ["greedy", "beam"])
+def test_scores_from_the_cache_match_a_full_teacher_forced_pass(tokenizer, sampler):
+    keras.utils.set_random_seed(0)
+    model = build_git_captioner("tiny", tokenizer, dropout=0.0)
+    model.fit(tiny_data(), batch_size=8, epochs=2, verbose=0)  # so that tokens have unequal probabilities
+    model.sampler = get_sampler(sampler, num_beams=3)
+    inputs = model.preprocessor.generate_preprocess({"images": tiny_data(3, seed=1)["images"]}, sequence_length=12)
+    outputs = model.generate_step(inputs, stop_token_ids=(model.preprocessor.tokenizer.end_token_id,))
+    full = model.token_log_probs({"images": inputs["images"], "token_ids": outputs["token_ids"],
+                                  "padding_mask": outputs["padding_mask"]})
+    cached = keras.ops.convert_to_numpy(outputs["token_log_probs"])
+    np.testing.assert_allclose(cached, keras.ops.convert_to_numpy(full), atol=1e-4)
+    assert cached.min() < -1e-3  # real log-probabilities, not zeros
 
 
 TORCH_SCRIPT = textwrap.dedent(

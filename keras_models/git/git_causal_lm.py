@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from keras_models.captioner import ImageCaptioner
+from keras_models.captioner import ImageCaptioner, picked_log_probs
 from keras_models.git.git_backbone import GitBackbone
 from keras_models.git.git_presets import PRESETS
 from keras_models.preprocessor import CaptionPreprocessor
@@ -94,11 +94,14 @@ class GitCaptioner(ImageCaptioner):
         finally:
             self.jit_compile = training_jit
 
-    def generate_step(self, inputs, stop_token_ids=None):
+    def generate_step(self, inputs, stop_token_ids=None, score: bool = True):
         """`ImageCaptioner.generate_step` with the image keys/values outside the sampler's loop state.
 
         Beam search repeats and reorders its loop state per beam at every step; the image
         keys/values are the same for every beam of an image, so they stay one row per image.
+        The chosen tokens are then scored in one teacher-forced pass of the text over the same
+        image keys/values (`token_log_probs` in the outputs), not a second pass of the whole model;
+        `score=False` leaves that out (the ids alone, as Hugging Face's `generate` returns them).
         """
         images, token_ids, padding_mask = inputs["images"], inputs["token_ids"], inputs["padding_mask"]
         hidden_states, cache = self._build_cache(images, token_ids, padding_mask)
@@ -113,7 +116,13 @@ class GitCaptioner(ImageCaptioner):
             return logits, hidden, tuple(layer[2:] for layer in self._split_cache(cache)[0])
 
         text_kv = tuple(layer[2:] for layer in layers)
-        return self._sample(token_ids, padding_mask, hidden_states, text_kv, step, stop_token_ids)
+        outputs = self._sample(token_ids, padding_mask, hidden_states, text_kv, step, stop_token_ids)
+        if not score:
+            return outputs
+        generated = outputs["token_ids"]
+        logits, _, _ = self.call_with_cache(generated[:, :-1], cache, 0)
+        outputs["token_log_probs"] = picked_log_probs(logits, generated, outputs["padding_mask"])
+        return outputs
 
     def _layer(self, layer, x, parts):
         """One post-LN decoder layer for queries `x` over `parts` [(keys, values, mask or None, grouped)].

@@ -117,7 +117,7 @@ def hf_generate(hf, pixel_values, num_beams: int):
 
 
 def ours_function(model, images: np.ndarray, num_beams: int):
-    """Our compiled sampler loop for `images`, set up (and traced) for `num_beams`; returns a no-arg call.
+    """Our compiled sampler loop for `images`, set up (and traced) for `num_beams`: (no-arg call, its inputs).
 
     Compiled as `make_generate_function` compiles it (XLA), but without scoring the tokens:
     ids out, as Hugging Face's `generate` gives them.
@@ -128,7 +128,7 @@ def ours_function(model, images: np.ndarray, num_beams: int):
     model.generate(images, max_length=1 + NEW_TOKENS, sampler=sampler, num_beams=num_beams)  # picks the sampler
     function = tf.function(lambda x: model.generate_step(x, stop_token_ids=None, score=False), jit_compile=True)
     inputs = model.preprocessor.generate_preprocess({"images": images}, sequence_length=1 + NEW_TOKENS)
-    return lambda: function(inputs)
+    return (lambda: function(inputs)), inputs
 
 
 def png_batch(images: np.ndarray) -> list[bytes]:
@@ -167,7 +167,7 @@ def run_config(name: str, repeats: int, threads: int, with_saved_model: bool) ->
         rows = []
         for case, batch, beams in CASES:
             images = all_images[:batch]
-            call = ours_function(ours, images, beams)
+            call, _ = ours_function(ours, images, beams)
             our_ids = np.asarray(call()["token_ids"])
             assert our_ids.shape == (batch, 1 + NEW_TOKENS), our_ids.shape
             our_s, our_all = median_seconds(call, repeats)
@@ -188,7 +188,6 @@ def run_config(name: str, repeats: int, threads: int, with_saved_model: bool) ->
             rows.append(row)
             print(f"{case}: HF {hf_s:.3f} s, ours {our_s:.3f} s ({hf_s / our_s:.2f}x), generate() {generate_s:.3f} s"
                   + (f", SavedModel {row['saved_model_s']:.3f} s" if "saved_model_s" in row else ""), flush=True)
-        del ours, exported
     return {"parameters": parameters, "rows": rows}
 
 

@@ -19,13 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import limit_threads, median_seconds, print_table, write_json
-from benchmarks.generation import CASES, CONFIGS, NEW_TOKENS, SEP, images_for, make_checkpoint
+from benchmarks.generation import CASES, CONFIGS, NEW_TOKENS, images_for, make_checkpoint, ours_function
 
 
 def run_config(name: str, repeats: int) -> list[dict]:
     """Every case of `benchmarks.generation` for one shape: seconds for the loop, full-pass and cached scoring."""
-    import tensorflow as tf
-
     from keras_models.git.convert_hf import convert_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -33,21 +31,17 @@ def run_config(name: str, repeats: int) -> list[dict]:
         model = convert_checkpoint(Path(tmp), sequence_length=1 + NEW_TOKENS)
     images, rows = images_for(model.image_config["image_size"]), []
     for case, batch, beams in CASES:
-        model.generate(images[:batch], max_length=1 + NEW_TOKENS, sampler="greedy" if beams == 1 else "beam",
-                       num_beams=beams)  # picks the sampler and compiles generate_step as generate() does
-        inputs = model.preprocessor.generate_preprocess({"images": images[:batch]}, sequence_length=1 + NEW_TOKENS)
-        loop = tf.function(lambda x: model.generate_step(x, stop_token_ids=(SEP,), score=False), jit_compile=True)
+        loop, inputs = ours_function(model, images[:batch], beams)  # also compiles generate() for this sampler
 
         def full_pass():
-            outputs = loop(inputs)
-            return model.token_log_probs({"images": inputs["images"], **outputs}).numpy()
+            return model.token_log_probs({"images": inputs["images"], **loop()}).numpy()
 
         def from_cache():
-            return model.generate_function(inputs, stop_token_ids=(SEP,))["token_log_probs"].numpy()
+            return model.generate_function(inputs, stop_token_ids=None)["token_log_probs"].numpy()
 
         difference = float(np.max(np.abs(full_pass() - from_cache())))
         assert difference < 1e-4, f"{name} {case}: scores differ by {difference}"
-        loop_s, _ = median_seconds(lambda: loop(inputs), repeats)
+        loop_s, _ = median_seconds(loop, repeats)
         full_s, _ = median_seconds(full_pass, repeats)
         cached_s, _ = median_seconds(from_cache, repeats)
         rows.append({"config": name, "case": case, "loop_s": loop_s, "full_pass_s": full_s, "cached_s": cached_s,

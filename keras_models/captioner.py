@@ -88,8 +88,12 @@ class ImageCaptioner(keras_hub.models.CausalLM):
         raise NotImplementedError
 
     # --- generation -------------------------------------------------------------------
-    def generate_step(self, inputs, stop_token_ids=None):
-        """One compilable batch of generation: the keras-hub sampler loop over `call_with_cache`."""
+    def generate_step(self, inputs, stop_token_ids=None, score: bool = True):
+        """One compilable batch of generation: the keras-hub sampler loop over `call_with_cache`.
+
+        A subclass that can score the chosen tokens from its cache adds `token_log_probs` to the outputs
+        unless `score=False`; here there is none, and `generated_log_probs` runs the teacher-forced pass.
+        """
         images, token_ids, padding_mask = inputs["images"], inputs["token_ids"], inputs["padding_mask"]
         hidden_states, cache = self._build_cache(images, token_ids, padding_mask)
         return self._sample(token_ids, padding_mask, hidden_states, cache, self.call_with_cache, stop_token_ids)

@@ -8,12 +8,15 @@ rounds of captioner and concept pretraining steps on a noisy VM). So `pipelines/
 in parallel there, each in a spawned process with `cores // models` threads, and each model's preset time
 budget then extends to the run's deadline instead of its share of it.
 
-Each child prints with a `[model]` prefix, trains and evaluates its model with the same `train_one` and
-`evaluate_one` as a sequential run, writes the same files, and exits if the parent dies.
+Each child trains and evaluates its model with the same `train_one` and `evaluate_one` as a sequential run,
+writes the same files, and exits if the parent dies. Its file descriptors 1 and 2 are pipes that the parent
+copies to its own stdout and stderr with a `[model]` prefix on each line: Python's prints and TensorFlow's C++
+logs alike, and all of it even when a child crashes.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import multiprocessing
 import os
@@ -53,7 +56,6 @@ class PrefixedStream(io.TextIOBase):
 
     Complete lines go out in one write, so two processes sharing a terminal rarely split each other's lines;
     a line that already starts with the prefix (`train_one`'s own "[model] ..." messages) keeps just the one.
-    TensorFlow's C++ logs write to the file descriptor directly and stay unprefixed.
     """
 
     def __init__(self, stream, prefix: str):
@@ -122,10 +124,57 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
+def copy_prefixed(source, target, prefix: str) -> None:
+    """Copy a child's raw output from the pipe `source` to the text stream `target` until the child closes it.
+
+    Each line starts with `prefix`; a partial line (a progress bar's update) goes out as it comes. If `target`
+    fails (a closed terminal), the rest is read and dropped, so the child never blocks on a full pipe.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    stream, failed = PrefixedStream(target, prefix), False
+    with source:
+        while True:
+            chunk = os.read(source.fileno(), 1 << 16)
+            text = decoder.decode(chunk, final=not chunk)
+            if text and not failed:
+                try:
+                    stream.write(text)
+                    stream.flush()
+                except (OSError, ValueError):
+                    failed = True
+            if not chunk:
+                return
+
+
+def start_prefixed(context, target, args: tuple, prefix: str, name: str):
+    """Start `target(*args, stdout_pipe, stderr_pipe)` in a process of `context` whose output this process prints.
+
+    The child must hand the two pipes to `redirect_output` first. Returns (process, copying threads).
+    """
+    ends = [context.Pipe(duplex=False) for _ in range(2)]
+    process = context.Process(target=target, args=(*args, *(send for _, send in ends)), name=name)
+    process.start()
+    threads = []
+    for (receive, send), stream in zip(ends, (sys.stdout, sys.stderr)):
+        send.close()  # the child holds the write ends: when it ends, the copying thread reads the end of file
+        thread = threading.Thread(target=copy_prefixed, args=(receive, stream, prefix), daemon=True,
+                                  name=f"{name}-output")
+        thread.start()
+        threads.append(thread)
+    return process, threads
+
+
+def redirect_output(stdout_pipe, stderr_pipe) -> None:
+    """In a child of `start_prefixed`: point file descriptors 1 and 2 (prints and C++ logs alike) at the pipes."""
+    for fd, pipe in ((1, stdout_pipe), (2, stderr_pipe)):
+        os.dup2(pipe.fileno(), fd)
+        pipe.close()
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(line_buffering=True)  # a pipe is block-buffered by default: show each line as it ends
+
+
 def train_and_evaluate(job: ModelJob) -> tuple[dict, list[str]]:
     """In a child process: train `job.name` with `job.threads` CPU threads, evaluate it; (info, captions)."""
-    sys.stdout = PrefixedStream(sys.stdout, f"[{job.name}] ")
-    sys.stderr = PrefixedStream(sys.stderr, f"[{job.name}] ")
     import tensorflow as tf
 
     tf.config.threading.set_intra_op_parallelism_threads(job.threads)
@@ -145,8 +194,9 @@ def train_and_evaluate(job: ModelJob) -> tuple[dict, list[str]]:
     return trained, captions
 
 
-def _child(job: ModelJob, parent: int, results) -> None:
+def _child(job: ModelJob, parent: int, results, stdout_pipe, stderr_pipe) -> None:
     """A child process's entry: send ("ok", (info, captions)) or ("error", message) back through `results`."""
+    redirect_output(stdout_pipe, stderr_pipe)
     _exit_with_parent(parent)
     try:
         results.send(("ok", train_and_evaluate(job)))
@@ -172,14 +222,14 @@ def train_in_parallel(names, cfg, run_dir: Path, splits: dict, eval_records, con
           + " (--no-parallel trains them one after the other)", flush=True)
     cfg = types.SimpleNamespace(**vars(cfg))
     spawn = multiprocessing.get_context("spawn")  # a fresh TensorFlow runtime per model
-    children = {}
+    children, copiers = {}, []
     for name in names:
         receive, send = spawn.Pipe(duplex=False)
         job = ModelJob(name, cfg, run_dir, splits, eval_records, context, deadline_in, time.time(), threads)
-        process = spawn.Process(target=_child, args=(job, os.getpid(), send), name=f"medcap-{name}")
-        process.start()
+        process, output_threads = start_prefixed(spawn, _child, (job, os.getpid(), send), f"[{name}] ", f"medcap-{name}")
         send.close()  # the child holds its end: a child that dies closes the pipe
         children[name] = (process, receive)
+        copiers += output_threads
     results, failures = {}, {}
     try:
         for name, (process, receive) in children.items():
@@ -197,6 +247,8 @@ def train_in_parallel(names, cfg, run_dir: Path, splits: dict, eval_records, con
         for process, _ in children.values():
             process.terminate()
         raise
+    for thread in copiers:  # the children have ended: print the last of their output before reporting
+        thread.join(timeout=10)
     if failures:
         raise RuntimeError("Training side by side failed for " + "; ".join(f"{n}: {e}" for n, e in failures.items())
                            + "\nModels that finished are kept; --resume continues the run.")

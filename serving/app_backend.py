@@ -430,7 +430,7 @@ def beam_candidates(model, pixels: np.ndarray, num_beams: int, max_length: int |
     inputs = model.preprocessor.generate_preprocess({"images": pixels}, sequence_length=max_length)
     model.sampler = sampler  # read by generate_step; run eagerly so the beams are concrete
     try:
-        model.generate_step(inputs, stop_token_ids=stop)
+        model.generate_step(inputs, stop_token_ids=stop, score=False)  # every beam is scored below
     finally:
         model.sampler = previous
     token_ids = sampler.beams[0]

@@ -292,9 +292,12 @@ def test_beam_search_encodes_images_once(tokenizer, monkeypatch):
     monkeypatch.setattr(GitCaptioner, "call_with_cache", lambda self, *a: steps.append(1) or step(self, *a))
     model.sampler = keras_hub.samplers.BeamSampler(num_beams=3)
     inputs = model.preprocessor.generate_preprocess({"images": tiny_data(2)["images"]}, sequence_length=8)
-    model.generate_step(inputs)
+    assert "token_log_probs" in model.generate_step(inputs)
     assert seen == [2], seen  # one call, for the 2 images, not 2 x 3 beams, and none to score the captions
     assert len(steps) == 7 + 1  # 7 decoding steps, then one pass over the chosen tokens scores them
+    steps.clear()
+    assert "token_log_probs" not in model.generate_step(inputs, score=False)  # the app's beam list scores all beams
+    assert len(steps) == 7
 
 
 @pytest.mark.parametrize("sampler", ["greedy", "beam"])

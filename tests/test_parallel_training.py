@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -38,6 +39,26 @@ def test_each_line_gets_the_prefix_once_also_progress_bar_updates():
                               "\r[git] captioning: 50%\r[git] captioning: 100%\n[git] a line written in two parts\n")
     encoded = PrefixedStream(io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), "[git] ")
     assert encoded.writable() and encoded.encoding == "utf-8"  # tqdm reads it to pick its bar characters
+
+
+def _noisy_child(stdout_pipe, stderr_pipe) -> None:
+    """A child that prints from Python and from 'C++' (straight to the file descriptor), then dies at once."""
+    parallel_training.redirect_output(stdout_pipe, stderr_pipe)
+    print("from python")
+    os.write(2, b"I0000 00:00 cpu_feature_guard.cc] a native log line\npartial")  # as TensorFlow's C++ logs write
+    os.kill(os.getpid(), signal.SIGKILL)  # nothing flushed, nothing cleaned up
+
+
+def test_a_childs_output_comes_out_prefixed_native_logs_too_and_survives_its_crash(capfd):
+    process, threads = parallel_training.start_prefixed(multiprocessing.get_context("spawn"), _noisy_child, (),
+                                                         "[git] ", "noisy")
+    process.join(120)
+    for thread in threads:
+        thread.join(10)
+    out, err = capfd.readouterr()
+    assert process.exitcode == -signal.SIGKILL
+    assert out == "[git] from python\n"
+    assert err.endswith("[git] I0000 00:00 cpu_feature_guard.cc] a native log line\n[git] partial"), err
 
 
 def test_parallel_by_default_only_for_several_undistributed_models_with_a_core_each(monkeypatch):

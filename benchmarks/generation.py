@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import limit_threads, median_seconds, print_table, write_json
+from benchmarks.hardware_floor import best_rates, floor_seconds, generation_work, measure_rates
 
 CLS, SEP = 101, 102
 NEW_TOKENS = 32
@@ -76,7 +77,7 @@ def hf_worker(name: str, folder: Path, repeats: int, threads: int) -> None:
     hf = make_checkpoint(CONFIGS[name], folder)
     size = hf.config.vision_config.image_size
     images = images_for(size)
-    out = {"parameters": sum(p.numel() for p in hf.parameters()), "cases": {}}
+    out = {"parameters": sum(p.numel() for p in hf.parameters()), "cases": {}, "rates": measure_rates("torch")}
     for case, batch, beams in CASES:
         pixel_values = torch.tensor(images[:batch].transpose(0, 3, 1, 2))
         ids = hf_generate(hf, pixel_values, beams).numpy()
@@ -144,8 +145,12 @@ def png_batch(images: np.ndarray) -> list[bytes]:
     return out
 
 
-def run_config(name: str, repeats: int, threads: int, with_saved_model: bool) -> dict:
-    """Every case for one shape (Hugging Face in a child process first, then ours); returns its figures."""
+def run_config(name: str, repeats: int, threads: int, with_saved_model: bool, rates: dict) -> dict:
+    """Every case for one shape (Hugging Face in a child process first, then ours); returns its figures.
+
+    `rates` (this process's measured matrix-product rate and bandwidth) and the Hugging Face worker's give each
+    case its `benchmarks.hardware_floor` time.
+    """
     import tensorflow as tf
 
     from keras_models.git.convert_hf import convert_checkpoint
@@ -158,6 +163,8 @@ def run_config(name: str, repeats: int, threads: int, with_saved_model: bool) ->
         print(f"\n## {name}: {parameters / 1e6:.1f} M parameters (HF {parameters:,}, ours {ours.count_params():,})",
               flush=True)
         all_images = images_for(ours.image_config["image_size"])
+        rates = best_rates(rates, hf["rates"])
+        dims = ours.backbone.get_config()
         exported = None
         if with_saved_model:
             from export.saved_model import export_model
@@ -180,7 +187,8 @@ def run_config(name: str, repeats: int, threads: int, with_saved_model: bool) ->
                    "speedup": hf_s / our_s, "target": TARGETS[case], "ours_generate_s": generate_s,
                    "hf_best_s": min(reference["times"]), "ours_best_s": min(our_all),
                    "tokens_agree": float(np.mean(hf_ids[:, 1:] == our_ids[:, 1:])),
-                   "hf_times": reference["times"], "ours_times": our_all}
+                   "hf_times": reference["times"], "ours_times": our_all,
+                   "floor_s": floor_seconds(generation_work(dims, batch, beams, NEW_TOKENS), rates), "rates": rates}
             if exported is not None:
                 signature = exported.signatures["serving_default" if beams == 1 else "beam_search"]
                 pngs = tf.constant(png_batch(images))
@@ -205,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         hf_worker(args.hf_worker[0], Path(args.hf_worker[1]), args.repeats, args.threads)
         return 0
     limit_threads(args.threads)
-    results = {name: run_config(name, args.repeats, args.threads, not args.no_saved_model) for name in args.configs}
+    rates = best_rates(measure_rates("tensorflow"), measure_rates("numpy"))
+    results = {name: run_config(name, args.repeats, args.threads, not args.no_saved_model, rates)
+               for name in args.configs}
     rows = [r for result in results.values() for r in result["rows"]]
     print(f"\nSeconds per call, {NEW_TOKENS} new tokens, median of {args.repeats} after a warm-up, "
           f"{args.threads} threads:\n")
@@ -214,6 +224,17 @@ def main(argv: list[str] | None = None) -> int:
                 [[r["config"], r["case"], r["hf_s"], r["ours_s"], f"{r['speedup']:.2f}x", f">= {r['target']}x",
                   f"{r['hf_best_s']:.3f} / {r['ours_best_s']:.3f}", r["ours_generate_s"], r.get("saved_model_s", "-"),
                   f"{100 * r['tokens_agree']:.0f}%"] for r in rows])
+    best = rows[0]["rates"] if rows else rates
+    print(f"\nHardware floor (benchmarks/hardware_floor.py: the work at this machine's best measured fp32 rates, "
+          f"{best['flops_per_s'] / 1e9:.0f} GFLOP/s in matrix products and {best['bytes_per_s'] / 1e9:.1f} GB/s "
+          f"reading memory, best of TensorFlow, PyTorch and NumPy); a target time under the floor cannot be met:\n")
+    print_table(["shape", "case", "floor", "HF / floor", "ours / floor", "target time (HF / target)", "target possible"],
+                [[r["config"], r["case"], r["floor_s"], f"{r['hf_s'] / r['floor_s']:.2f}x",
+                  f"{r['ours_s'] / r['floor_s']:.2f}x", r["hf_s"] / r["target"],
+                  "yes" if r["hf_s"] / r["target"] >= r["floor_s"] else "no"] for r in rows])
+    if any(min(r["hf_best_s"], r["ours_best_s"]) < r["floor_s"] for r in rows):
+        print("\nA call ran faster than its floor: the rates measured here are below what the machine reached "
+              "(busy, or its speed swung), so these floors are no bound on this run.")
     write_json("generation", {"new_tokens": NEW_TOKENS, "threads": args.threads, "repeats": args.repeats,
                               "configs": results}, args.out)
     return 0

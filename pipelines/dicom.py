@@ -64,7 +64,7 @@ IDENTIFYING_KEYWORDS = (
     "MedicalRecordLocator", "MilitaryRank", "BranchOfService", "EthnicGroup", "Occupation",
     "AdditionalPatientHistory", "MedicalAlerts", "Allergies", "LastMenstrualDate", "SpecialNeeds",
     "PregnancyStatus", "SmokingStatus", "CountryOfResidence", "RegionOfResidence",
-    "ResponsiblePerson", "ResponsibleOrganization",
+    "ResponsiblePerson", "ResponsibleOrganization", "CurrentPatientLocation", "PatientInstitutionResidence",
     "ReferencedPatientSequence", "ReferencedPatientPhotoSequence",
     # study / visit
     "AccessionNumber", "StudyID", "AdmissionID", "AdmittingDiagnosesDescription",
@@ -73,6 +73,9 @@ IDENTIFYING_KEYWORDS = (
     "RequestAttributesSequence", "RequestedProcedureID", "ScheduledProcedureStepID",
     "ReasonForStudy", "RequestingService", "ContentSequence", "DerivationDescription",
     # dates and times
+    "StudyComments", "RequestedProcedureComments", "ImagingServiceRequestComments",
+    "PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest",
+    "ScheduledProcedureStepDescription", "AcquisitionComments", "FrameComments", "TextComments",
     "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "StudyTime", "SeriesTime",
     "AcquisitionTime", "ContentTime", "AcquisitionDateTime", "InstanceCreationDate",
     "InstanceCreationTime",
@@ -84,7 +87,8 @@ IDENTIFYING_KEYWORDS = (
     "PerformingPhysicianIdentificationSequence", "NameOfPhysiciansReadingStudy",
     "PhysiciansReadingStudyIdentificationSequence", "OperatorsName",
     "OperatorIdentificationSequence", "RequestingPhysician", "ScheduledPerformingPhysicianName",
-    "StationName", "DeviceSerialNumber", "ProtocolName", "ContentCreatorName",
+    "StationName", "ScheduledStationName", "PerformedStationName", "PerformedLocation",
+    "ScheduledProcedureStepLocation", "DeviceSerialNumber", "ProtocolName", "ContentCreatorName",
     "VerifyingObserverName", "PersonName",
 )
 _DROP_VRS = ("PN", "DA", "DT", "TM")
@@ -192,9 +196,12 @@ def _check_decodable(ds: Dataset) -> None:
 
 
 def _frame_count(ds: Dataset) -> int:
-    """NumberOfFrames, 1 when absent."""
+    """NumberOfFrames, 1 when absent; DicomError when it is not a whole number (its value is not quoted)."""
     value = ds.get("NumberOfFrames")
-    return 1 if value in (None, "") else int(value)
+    try:
+        return 1 if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        raise DicomError("NumberOfFrames (0028,0008) is not a whole number.") from None
 
 
 def _frame(ds: Dataset) -> np.ndarray:
@@ -271,14 +278,20 @@ def _to_png(unit: np.ndarray) -> bytes:
 def dicom_to_png(data: bytes | str | Path) -> bytes:
     """One DICOM image (bytes or file) -> 8-bit PNG bytes of its (middle) frame, display-ready."""
     ds = _read(data)
-    _check_decodable(ds)
-    if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
-        logger.warning("This DICOM image has burned-in annotations: text in its pixels may identify the patient.")
-    arr = _frame(ds)
-    is_colour = int(ds.get("SamplesPerPixel") or 1) > 1 or ds.get("PhotometricInterpretation") == "PALETTE COLOR"
-    unit = _colour(arr, ds) if is_colour else _greyscale(arr, ds)
-    logger.debug("DICOM -> PNG: %s", safe_metadata(ds))
-    return _to_png(unit)
+    try:
+        _check_decodable(ds)
+        if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
+            logger.warning("This DICOM image has burned-in annotations: text in its pixels may identify the patient.")
+        arr = _frame(ds)
+        is_colour = int(ds.get("SamplesPerPixel") or 1) > 1 or ds.get("PhotometricInterpretation") == "PALETTE COLOR"
+        unit = _colour(arr, ds) if is_colour else _greyscale(arr, ds)
+        logger.debug("DICOM -> PNG: %s", safe_metadata(ds))
+        return _to_png(unit)
+    except DicomError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed field (RescaleSlope "abc"): its value may name a patient
+        raise DicomError(f"The DICOM file has a malformed pixel-related field ({type(e).__name__} while "
+                         "converting its pixels).") from None
 
 
 # --- privacy -----------------------------------------------------------------------------------

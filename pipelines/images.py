@@ -2,8 +2,9 @@
 
 Every check happens in the TensorFlow graph, before any pixel is decoded where
 possible, and fails with `tf.errors.InvalidArgumentError` and a clear message:
-empty input, bytes that are neither PNG nor JPEG, zero-size images, and images
-over the pixel cap (a decompression bomb is refused from its header).
+empty input, bytes that are neither PNG nor JPEG, zero-size images, CMYK JPEGs (TensorFlow's
+decoder reads greyscale and RGB only; the client and the app convert them), and images over the
+pixel cap (a decompression bomb is refused from its header).
 Only standard TensorFlow ops are used, so TF Serving runs it unchanged.
 """
 
@@ -51,6 +52,12 @@ def image_shape(image_bytes: tf.Tensor) -> tf.Tensor:
     return tf.cond(tf.equal(fmt, "png"), png_shape, jpeg_shape)
 
 
+def _jpeg_components(image_bytes: tf.Tensor) -> tf.Tensor:
+    """Colour components a JPEG's frame header declares (1 grey, 3 YCbCr/RGB, 4 CMYK); 0 for a PNG."""
+    return tf.cond(tf.equal(image_format(image_bytes), "jpeg"),
+                   lambda: tf.image.extract_jpeg_shape(image_bytes)[2], lambda: tf.constant(0, tf.int32))
+
+
 def decode_image(image_bytes: tf.Tensor, channels: int = 1, max_pixels: int = MAX_PIXELS) -> tf.Tensor:
     """Checked decode of PNG/JPEG (8- or 16-bit, grey or colour) to float32 [H, W, channels] in [0, 1]."""
     image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
@@ -62,12 +69,15 @@ def decode_image(image_bytes: tf.Tensor, channels: int = 1, max_pixels: int = MA
         )
     with tf.control_dependencies([known]):
         shape = image_shape(image_bytes)
+        colour = _fail_unless(_jpeg_components(image_bytes) != 4,
+                              "CMYK JPEG: the decoder reads greyscale and RGB JPEGs only; convert it to RGB "
+                              "(the medcap client and app do this before sending).")
     non_zero = _fail_unless(tf.reduce_all(shape > 0), "Image has zero width or height.")
     small_enough = _fail_unless(
         shape[0] * shape[1] <= max_pixels,
         f"Image too large: more than {max_pixels:,} pixels (the limit guards against decompression bombs).",
     )
-    with tf.control_dependencies([non_zero, small_enough]):
+    with tf.control_dependencies([non_zero, small_enough, colour]):
         image = tf.io.decode_image(image_bytes, channels=channels, dtype=tf.float32, expand_animations=False)
     image.set_shape([None, None, channels])
     return image
@@ -76,7 +86,7 @@ def decode_image(image_bytes: tf.Tensor, channels: int = 1, max_pixels: int = MA
 def resize_image(image: tf.Tensor, size: int, mode: str = "pad", interpolation: str = "bilinear") -> tf.Tensor:
     """Resize [H, W, C] to [size, size, C]: letterbox ('pad'), 'stretch', or CLIP's 'center_crop'."""
     if mode == "pad":
-        image = tf.image.resize_with_pad(image, size, size, method=interpolation, antialias=True)
+        image = _resize_with_pad(image, size, interpolation)
     elif mode == "stretch":
         image = tf.image.resize(image, [size, size], method=interpolation, antialias=True)
     elif mode == "center_crop":
@@ -91,6 +101,20 @@ def resize_image(image: tf.Tensor, size: int, mode: str = "pad", interpolation: 
         raise ValueError(f"Unknown resize mode {mode!r}: use 'pad', 'stretch' or 'center_crop'.")
     image = tf.clip_by_value(image, 0.0, 1.0)  # bicubic overshoots
     return tf.ensure_shape(image, [size, size, image.shape[-1]])
+
+
+def _resize_with_pad(image: tf.Tensor, size: int, interpolation: str) -> tf.Tensor:
+    """`tf.image.resize_with_pad` to [size, size], but the short side keeps at least one pixel.
+
+    The same arithmetic (scale the long side to `size`, floor, centre), so ordinary images come out
+    identical; TensorFlow's own version fails on images more than 2 * size times wider than tall.
+    """
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scaled = shape / tf.reduce_max(shape / size)
+    resized = tf.image.resize(image, tf.maximum(tf.cast(tf.floor(scaled), tf.int32), 1), method=interpolation,
+                              antialias=True)
+    top, left = tf.unstack(tf.maximum(tf.cast(tf.floor((size - scaled) / 2), tf.int32), 0))
+    return tf.image.pad_to_bounding_box(resized, top, left, size, size)
 
 
 def normalize_image(image: tf.Tensor, mean, std) -> tf.Tensor:

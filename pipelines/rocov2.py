@@ -36,6 +36,7 @@ PROBLEM_KINDS = (
     "empty_file",
     "truncated_or_corrupt",
     "not_an_image",
+    "unsupported_colour",
     "too_large",
     "empty_caption",
     "duplicate_id",
@@ -46,11 +47,13 @@ PROBLEM_HELP = {
     "truncated_or_corrupt": "the image does not decode fully (truncated download or corrupt data)",
     "not_an_image": "not a PNG or JPEG file; the model's decoder reads only PNG and JPEG "
     "(convert DICOM with pipelines.dicom.dicom_to_png, other formats to PNG)",
+    "unsupported_colour": "a CMYK JPEG, which TensorFlow's JPEG decoder cannot read; convert it to RGB "
+    "(e.g. `mogrify -colorspace sRGB FILE`)",
     "too_large": "more pixels than max_pixels by its header (refused undecoded: decompression-bomb guard)",
     "empty_caption": "the caption is empty",
     "duplicate_id": "the ID appears more than once in the CSV; the first row is kept",
 }
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: CMYK JPEGs are flagged
 CACHE_ENV = "MEDCAP_CACHE_DIR"
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}  # as pipelines.images sniffs them
 
@@ -231,6 +234,8 @@ def inspect_image(path: str | Path, max_pixels: int = 50_000_000) -> tuple[str |
             width, height = image.size
             if width * height > max_pixels:
                 return "too_large", f"{width}x{height}"
+            if fmt == "JPEG" and image.mode == "CMYK":
+                return "unsupported_colour", "CMYK JPEG"
             image.load()
         return None, ""
     except FileNotFoundError:

@@ -56,13 +56,18 @@ class CaptionError(Exception):
 
 
 def read_image(path: str | Path) -> bytes:
-    """PNG or JPEG bytes for a file: PNG/JPEG as is, DICOM converted to PNG; CaptionError otherwise."""
+    """PNG or JPEG bytes for a file: PNG/JPEG as is (a CMYK JPEG as RGB PNG), DICOM converted to PNG;
+    CaptionError otherwise."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
         raise CaptionError(f"cannot read the file ({e.strerror or type(e).__name__})") from None
-    if data.startswith(PNG_MAGIC) or data.startswith(JPEG_MAGIC):
+    if data.startswith(PNG_MAGIC):
         return data
+    if data.startswith(JPEG_MAGIC):
+        from pipelines.jpeg_colour import readable_by_the_model
+
+        return readable_by_the_model(data)
     from pipelines.dicom import DicomError, dicom_to_png, is_dicom  # pydicom only when needed
 
     if is_dicom(data):

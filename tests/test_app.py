@@ -259,6 +259,14 @@ def test_dicom_is_windowed_and_no_patient_field_is_shown(env, models):
     assert "DOE" not in download and "JANE" not in download and "MRN" not in download
 
 
+def test_a_cmyk_jpeg_upload_is_converted_not_called_corrupt():
+    buffer = io.BytesIO()
+    Image.new("CMYK", (30, 20), (0, 160, 255, 0)).save(buffer, format="JPEG")
+    image = backend.prepare_upload(buffer.getvalue())
+    assert image.kind == "JPEG (CMYK, converted to RGB)" and image.data.startswith(b"\x89PNG")
+    assert (image.height, image.width) == (20, 30)
+
+
 def test_without_keras_models_attention_says_what_it_needs(env, models):
     env(artifacts=models["artifacts"])
     at = start_app()

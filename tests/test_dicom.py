@@ -272,3 +272,31 @@ def test_strip_identifiers():
     data = _bytes(clean)
     _assert_private(data)
     assert _png(dicom_to_png(data)).tolist() == _png(dicom_to_png(_bytes(original))).tolist()
+
+
+@pytest.mark.parametrize("field", ["NumberOfFrames", "RescaleSlope"])
+def test_a_malformed_numeric_field_is_a_dicom_error_that_does_not_quote_it(field, logs):
+    ds = _ct(**{field: "12345678"})  # then patched in the file's bytes: what a broken writer leaves
+    data = _bytes(ds)
+    assert data.count(b"12345678") == 1
+    with pytest.raises(DicomError) as error:
+        dicom_to_png(data.replace(b"12345678", NAME.encode()))
+    _assert_private(str(error.value), logs.text)
+    assert error.value.__cause__ is None and error.value.__suppress_context__
+
+
+def test_every_listed_keyword_is_a_real_dicom_keyword():
+    from pydicom.datadict import tag_for_keyword
+
+    from pipelines.dicom import IDENTIFYING_KEYWORDS, SAFE_FIELDS
+
+    assert [k for k in IDENTIFYING_KEYWORDS + SAFE_FIELDS if tag_for_keyword(k) is None] == []
+
+
+def test_strip_identifiers_removes_comments_locations_and_order_numbers():
+    ds = _ct(StudyComments=f"seen by {NAME}", CurrentPatientLocation="Ward 7, bed 3",
+             PlacerOrderNumberImagingServiceRequest="ORD-553", FillerOrderNumberImagingServiceRequest="FIL-42")
+    clean = strip_identifiers(ds)
+    for keyword in ("StudyComments", "CurrentPatientLocation", "PlacerOrderNumberImagingServiceRequest",
+                    "FillerOrderNumberImagingServiceRequest"):
+        assert keyword not in clean

@@ -74,6 +74,27 @@ def test_pad_keeps_aspect_with_black_bars():
     assert out[20].min() > 0.99
 
 
+@pytest.mark.parametrize("height, width", [(50, 4000), (4000, 50), (1, 10_000), (37, 1000), (384, 366), (97, 129)])
+def test_pad_keeps_a_pixel_of_the_short_side_and_otherwise_matches_tensorflows(height, width):
+    image = tf.constant(np.random.default_rng(height).random((height, width, 1), dtype=np.float32))
+    out = resize_image(image, 32, "pad")
+    assert out.shape == (32, 32, 1)
+    if min(height, width) * 32 >= max(height, width):  # where tf.image.resize_with_pad works: the same pixels
+        expected = tf.image.resize_with_pad(image, 32, 32, method="bilinear", antialias=True)
+        assert np.array_equal(out.numpy(), expected.numpy())
+    else:
+        with pytest.raises(tf.errors.InvalidArgumentError, match="output dimensions must be positive"):
+            tf.image.resize_with_pad(image, 32, 32, antialias=True)
+        assert out.numpy().max() > 0  # the image's line is there, not only padding
+
+
+def test_cmyk_jpeg_is_refused_with_a_clear_message():
+    buffer = io.BytesIO()
+    Image.new("CMYK", (16, 12), (0, 128, 255, 30)).save(buffer, format="JPEG")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="CMYK JPEG: the decoder reads greyscale and RGB"):
+        preprocess_image(buffer.getvalue(), CFG)
+
+
 def test_normalisation_matches_config(grey):
     out = preprocess_image(encode(grey), CFG).numpy()
     assert out.shape == (32, 32, 1)

@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for name, path in resolve_models(args.model, args.name):
         model = keras.saving.load_model(path)
-        target = export_model(model, args.base_dir, name, args.version, args.num_beams, args.max_length)
+        try:
+            target = export_model(model, args.base_dir, name, args.version, args.num_beams, args.max_length)
+        except FileExistsError as e:  # --version N where N is taken: a clear line, no traceback
+            raise SystemExit(f"python -m export: {e}") from None
         print(f"exported {path} -> {target}")
     return 0
 

@@ -84,10 +84,12 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help=".keras file, SavedModel version dir, or HOST:PORT/NAME")
     p.add_argument("--dataset", required=True, help="ROCOv2-layout folder")
-    p.add_argument("--split", default="test", help="split to caption (default test)")
+    p.add_argument("--split", help="split to caption (default: test, or valid when the dataset has no test split)")
     p.add_argument("--out", help="output folder (default: evaluations/<model name>-<split>-<time>)")
     p.add_argument("--sampler", choices=["greedy", "beam"], default="greedy")
-    p.add_argument("--num-beams", type=int, default=3)
+    p.add_argument("--num-beams", type=int,
+                   help="beams for --sampler beam with a .keras model (default 3); a SavedModel or server uses the "
+                   "beam width its beam_search signature was exported with")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--raw", action="store_true", help="score raw text instead of ImageCLEFmedical preprocessing")
     p.add_argument("--limit", type=int, help="caption only the first N images")
@@ -95,15 +97,25 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines.evaluate_lib import score_predictions, write_predictions
     from pipelines.evaluation_report import write_evaluation_report
-    from pipelines.rocov2 import read_split
+    from pipelines.rocov2 import DatasetError, has_split, read_split
 
-    records, report = read_split(args.dataset, args.split)
+    if args.num_beams is not None and not args.model.endswith(".keras"):
+        print("note: --num-beams applies to .keras models; this model's beam_search signature keeps the beam width "
+              "it was exported with (python -m export --num-beams)")
+    if args.split is None:
+        args.split = "test" if has_split(args.dataset, "test") else "valid"
+        if args.split == "valid":
+            print(f"{args.dataset} has no test split: evaluating on valid")
+    try:
+        records, report = read_split(args.dataset, args.split)
+    except (FileNotFoundError, DatasetError) as e:
+        raise SystemExit(f"python pipelines/evaluate.py: {e}") from None
     records = records[: args.limit] if args.limit else records
     name = Path(args.model).stem if args.model.endswith(".keras") else args.model.strip("/").replace(":", "_").replace("/", "-")
     out = Path(args.out or f"evaluations/{name}-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    captions = caption_records(args.model, records, args.sampler, args.num_beams, args.batch_size)
+    captions = caption_records(args.model, records, args.sampler, args.num_beams or 3, args.batch_size)
     seconds = time.perf_counter() - start
     write_predictions(out / "predictions.csv", records, captions)
     metrics = score_predictions(records, captions, preprocess=not args.raw)

@@ -123,6 +123,11 @@ def _split_names(split: str) -> tuple[str, ...]:
     return (split,)
 
 
+def has_split(root: str | Path, split: str) -> bool:
+    """True when `root` has a captions CSV for `split` (or one of its aliases)."""
+    return _find_existing(Path(root), _split_names(split), "_captions.csv") is not None
+
+
 def _find_existing(root: Path, names: tuple[str, ...], suffix: str) -> Path | None:
     """The first `root/{name}{suffix}` that exists."""
     for name in names:

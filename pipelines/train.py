@@ -54,7 +54,7 @@ class TrainConfig:
     strict: bool = False
     distribute: str = "none"
     parallel: bool | None = None
-    synthetic: dict = field(default_factory=lambda: {"n_train": 8000, "n_valid": 1000, "n_test": 1000})
+    synthetic: dict | None = field(default_factory=lambda: {"n_train": 8000, "n_valid": 1000, "n_test": 1000})
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
@@ -124,7 +124,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     synthetic_size = args.__dict__.pop("synthetic_size")
     cfg = TrainConfig(**vars(args))
     if synthetic_size:
+        if cfg.dataset:
+            p.error("--synthetic-size sizes the generated synthetic set: not with --dataset")
         cfg.synthetic = dict(zip(("n_train", "n_valid", "n_test"), synthetic_size))
+    if cfg.dataset:
+        cfg.synthetic = None  # the config a run saves describes the data it used
     if cfg.concept_epochs is not None and cfg.concept_epochs < 0:
         p.error(f"--concept-epochs must be 0 or more, got {cfg.concept_epochs}")
     if cfg.distribute == "multi-worker" and not (cfg.dataset and (cfg.run_dir or resume)):

@@ -108,6 +108,23 @@ def test_bad_bytes_are_invalid_argument(exported):
     sig = tf.saved_model.load(str(path)).signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError, match="Not a PNG or JPEG"):
         sig(images=tf.constant([png(1), b"not an image"]))
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (40, 30), (0, 160, 255, 0)).save(cmyk, format="JPEG")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="CMYK JPEG"):
+        sig(images=tf.constant([cmyk.getvalue()]))
+    wide = io.BytesIO()
+    Image.new("L", (4000, 20), 200).save(wide, format="PNG")  # 200:1: at 32 px its short side is 0.16 px
+    assert len(sig(images=tf.constant([wide.getvalue()]))["captions"].numpy()) == 1
+
+
+def test_export_cli_says_when_a_version_is_taken(exported, tmp_path):
+    from export.__main__ import main
+
+    model, path = exported
+    model.save(tmp_path / "model.keras")
+    with pytest.raises(SystemExit, match="exists; choose another --version"):
+        main(["--model", str(tmp_path / "model.keras"), "--base-dir", str(path.parent.parent), "--name",
+              path.parent.name, "--version", "1"])
 
 
 def test_versions_are_atomic_and_increasing(exported, tmp_path):

@@ -23,6 +23,14 @@ from pipelines.training import TimeBudget, warmup_cosine
 REPO = Path(__file__).resolve().parent.parent
 
 
+def test_the_saved_config_names_synthetic_sizes_only_for_the_synthetic_set():
+    assert parse_args([])[0].synthetic == {"n_train": 8000, "n_valid": 1000, "n_test": 1000}
+    assert parse_args(["--synthetic-size", "80", "10", "10"])[0].synthetic["n_train"] == 80
+    assert parse_args(["--dataset", "pipelines/examples"])[0].synthetic is None
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", "pipelines/examples", "--synthetic-size", "80", "10", "10"])
+
+
 def test_augmentation_follows_the_flag_else_the_preset():
     assert parse_args([])[0].augment is None  # the preset decides
     assert parse_args(["--augment"])[0].augment is True

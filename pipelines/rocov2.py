@@ -25,6 +25,8 @@ from pathlib import Path
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from pipelines.jpeg_for_model import EXIF_ORIENTATION
+
 logger = logging.getLogger(__name__)
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
@@ -37,6 +39,7 @@ PROBLEM_KINDS = (
     "truncated_or_corrupt",
     "not_an_image",
     "unsupported_colour",
+    "exif_rotated",
     "too_large",
     "empty_caption",
     "duplicate_id",
@@ -49,11 +52,14 @@ PROBLEM_HELP = {
     "(convert DICOM with pipelines.dicom.dicom_to_png, other formats to PNG)",
     "unsupported_colour": "a CMYK JPEG, which TensorFlow's JPEG decoder cannot read; convert it to RGB "
     "(e.g. `mogrify -colorspace sRGB FILE`)",
+    "exif_rotated": "a JPEG whose EXIF orientation asks viewers to rotate or mirror it; TensorFlow's decoder "
+    "does not, so the model would learn from pixels unlike what the caption describes (apply it with "
+    "`mogrify -auto-orient FILE`)",
     "too_large": "more pixels than max_pixels by its header (refused undecoded: decompression-bomb guard)",
     "empty_caption": "the caption is empty",
     "duplicate_id": "the ID appears more than once in the CSV; the first row is kept",
 }
-CACHE_VERSION = 2  # 2: CMYK JPEGs are flagged
+CACHE_VERSION = 2  # 2: CMYK and EXIF-rotated JPEGs are flagged
 CACHE_ENV = "MEDCAP_CACHE_DIR"
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}  # as pipelines.images sniffs them
 
@@ -241,6 +247,8 @@ def inspect_image(path: str | Path, max_pixels: int = 50_000_000) -> tuple[str |
                 return "too_large", f"{width}x{height}"
             if fmt == "JPEG" and image.mode == "CMYK":
                 return "unsupported_colour", "CMYK JPEG"
+            if fmt == "JPEG" and image.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1):
+                return "exif_rotated", f"EXIF orientation {image.getexif()[EXIF_ORIENTATION]}"
             image.load()
         return None, ""
     except FileNotFoundError:

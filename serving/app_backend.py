@@ -205,7 +205,7 @@ def prepare_upload(data: bytes, max_upload_mb: float = 50.0) -> PreparedImage:
     """Checked upload -> PreparedImage; UploadError (a plain message) for empty, oversized, non-image,
     truncated or pixel-less files."""
     from pipelines.dicom import DicomError, dicom_to_png, is_dicom
-    from pipelines.jpeg_colour import cmyk_jpeg_to_png, is_cmyk_jpeg
+    from pipelines.jpeg_for_model import readable_by_the_model
 
     if not data:
         raise UploadError("The file is empty (0 bytes).")
@@ -216,8 +216,9 @@ def prepare_upload(data: bytes, max_upload_mb: float = 50.0) -> PreparedImage:
         kind = "PNG"
     elif data.startswith(JPEG_MAGIC):
         kind = "JPEG"
-        if is_cmyk_jpeg(data):  # the model's decoder reads greyscale and RGB JPEGs only
-            kind, data = "JPEG (CMYK, converted to RGB)", cmyk_jpeg_to_png(data)
+        data, problem = readable_by_the_model(data)  # CMYK or EXIF-rotated: the PNG a viewer shows
+        if problem:
+            kind = f"JPEG ({problem}: sent as the upright RGB PNG)"
     elif is_dicom(data):
         try:
             png = dicom_to_png(data)  # rescale, window / VOI LUT, MONOCHROME1 inverted

@@ -56,8 +56,8 @@ class CaptionError(Exception):
 
 
 def read_image(path: str | Path) -> bytes:
-    """PNG or JPEG bytes for a file: PNG/JPEG as is (a CMYK JPEG as RGB PNG), DICOM converted to PNG;
-    CaptionError otherwise."""
+    """PNG or JPEG bytes for a file: PNG/JPEG as is (a CMYK or EXIF-rotated JPEG as the PNG a viewer shows),
+    DICOM converted to PNG; CaptionError otherwise."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -65,9 +65,9 @@ def read_image(path: str | Path) -> bytes:
     if data.startswith(PNG_MAGIC):
         return data
     if data.startswith(JPEG_MAGIC):
-        from pipelines.jpeg_colour import readable_by_the_model
+        from pipelines.jpeg_for_model import readable_by_the_model
 
-        return readable_by_the_model(data)
+        return readable_by_the_model(data)[0]
     from pipelines.dicom import DicomError, dicom_to_png, is_dicom  # pydicom only when needed
 
     if is_dicom(data):

@@ -263,7 +263,7 @@ def test_a_cmyk_jpeg_upload_is_converted_not_called_corrupt():
     buffer = io.BytesIO()
     Image.new("CMYK", (30, 20), (0, 160, 255, 0)).save(buffer, format="JPEG")
     image = backend.prepare_upload(buffer.getvalue())
-    assert image.kind == "JPEG (CMYK, converted to RGB)" and image.data.startswith(b"\x89PNG")
+    assert image.kind == "JPEG (CMYK: sent as the upright RGB PNG)" and image.data.startswith(b"\x89PNG")
     assert (image.height, image.width) == (20, 30)
 
 

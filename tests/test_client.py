@@ -109,14 +109,14 @@ def test_bad_files_are_reported_one_by_one(server, files, tmp_path, capsys):
     assert out.count("ERROR: ") == 4 and not any(secret in out for secret in SECRETS)
 
 
-def test_a_cmyk_jpeg_is_sent_as_the_rgb_png_of_its_pixels(tmp_path):
+def test_a_cmyk_jpeg_is_sent_as_the_png_a_viewer_shows(tmp_path):
     from PIL import Image
 
-    from pipelines.jpeg_colour import cmyk_jpeg_to_png
+    from pipelines.jpeg_for_model import upright_png
 
     path = tmp_path / "print_figure.jpg"
     Image.new("CMYK", (20, 12), (0, 160, 255, 0)).save(path, format="JPEG")
-    assert client_cli.read_image(path) == cmyk_jpeg_to_png(path.read_bytes())
+    assert client_cli.read_image(path) == upright_png(path.read_bytes())
     (tmp_path / "rgb.jpg").write_bytes(jpeg_bytes(30, (12, 20)))
     assert client_cli.read_image(tmp_path / "rgb.jpg") == (tmp_path / "rgb.jpg").read_bytes()  # as it is
 

@@ -89,6 +89,9 @@ def messy(tmp_path) -> Path:
     _png_header_only_bomb(images / "bomb.png", 20_000, 20_000)
     _image(images / "no_caption.png")
     Image.new("CMYK", (16, 12), (0, 128, 255, 30)).save(images / "cmyk.jpg")  # valid, but TF cannot decode it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # viewers rotate it 90 degrees; TF's decoder would not
+    Image.new("L", (16, 12), 90).save(images / "rotated.jpg", exif=exif)
     rows = [
         ["good_png", TRICKY_CAPTION, "extra column"],
         ["good_jpg", "Chest X-ray."],
@@ -103,6 +106,7 @@ def messy(tmp_path) -> Path:
         ["big", "Too large for a small max_pixels."],
         ["bomb", "20000 x 20000 PNG."],
         ["cmyk", "A CMYK JPEG."],
+        ["rotated", "A phone photo of a film, stored sideways."],
         ["no_caption", "   "],
         ["good_png", "A duplicate row."],
     ]
@@ -116,6 +120,7 @@ EXPECTED = {
     "truncated_or_corrupt": ["trunc_jpg", "trunc_png"],
     "not_an_image": ["gif", "text"],
     "unsupported_colour": ["cmyk"],
+    "exif_rotated": ["rotated"],
     "too_large": ["big", "bomb"],
     "empty_caption": ["no_caption"],
     "duplicate_id": ["good_png"],
@@ -133,7 +138,7 @@ def test_bad_rows_are_skipped_with_a_warning(messy):
     assert records[0] == Record("good_png", str(messy / "train" / "good_png.png"), TRICKY_CAPTION, ())
     assert records[2].image_path.endswith("good_ext.jpg")
     assert _problems(report) == EXPECTED
-    assert (report.total, report.valid, report.ok) == (15, 4, False)
+    assert (report.total, report.valid, report.ok) == (16, 4, False)
     message = str(caught[0].message)
     assert message == report.summary()
     assert "truncated_or_corrupt: 2" in message and "trunc_jpg" in message and "GIF file" in message
@@ -207,7 +212,7 @@ def test_check_images_false_skips_decoding(messy):
     with pytest.warns(DatasetWarning):
         records, report = read_split(messy, "train", check_images=False, progress=False)
     assert set(report.problems) == {"missing_image", "empty_caption", "duplicate_id"}
-    assert len(records) == 12
+    assert len(records) == 13
 
 
 def test_cache_makes_revalidation_instant_and_notices_changes(messy, monkeypatch):

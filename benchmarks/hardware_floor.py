@@ -5,9 +5,11 @@ Generation is an image encoder and a prefill over the image tokens (matrix produ
 arithmetic rate) and then one decoding step per new token (for a batch of a few rows, bound by reading
 every decoder and LM-head weight once a step). The floor is the FLOPs of the first at the best measured
 matrix-product rate plus, per step, the longer of its FLOPs at that rate and its bytes (weights and the
-key/value cache it reads) at the best measured memory bandwidth. Softmax, layer norms, the sampler and
-every other op are left out, so no implementation of the same fp32 computation can be faster than the
-floor on the machine measured; a target time under it cannot be met there.
+key/value cache it reads; the image part once per image, as beams can share it) at the best measured
+memory bandwidth. Softmax, layer norms, the sampler and every other op are left out, so an fp32
+implementation that reads its weights from memory at every step cannot beat it on the machine measured.
+Weights that stay in the processor's cache between steps (a small model's ~75 MB, partly, in a large L3)
+could; so the floor is firm for git-base and an estimate for small.
 
 Rates are measured with the framework at hand (TensorFlow, PyTorch or NumPy), the caller's threads:
 the matrix product as the best of a few shapes like the models' own, the bandwidth as a matrix-vector
@@ -95,7 +97,7 @@ def generation_work(dims: dict, batch: int, beams: int, new_tokens: int, channel
         context = prefix + t  # keys and values each step attends to
         flops = rows * (2 * decoder_weights + layers * 4 * context * d + 2 * d * vocab)
         weight_bytes = (decoder_weights + d * vocab) * FLOAT_BYTES
-        cache_bytes = rows * layers * 2 * context * d * FLOAT_BYTES
+        cache_bytes = (batch * prefix + rows * t) * layers * 2 * d * FLOAT_BYTES  # image keys/values per image
         steps.append((flops, weight_bytes + cache_bytes))
     return {"encode_flops": batch * (vision + prefill), "steps": steps}
 

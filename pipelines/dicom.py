@@ -72,10 +72,10 @@ IDENTIFYING_KEYWORDS = (
     "RequestedProcedureDescription", "PerformedProcedureStepDescription", "PerformedProcedureStepID",
     "RequestAttributesSequence", "RequestedProcedureID", "ScheduledProcedureStepID",
     "ReasonForStudy", "RequestingService", "ContentSequence", "DerivationDescription",
-    # dates and times
     "StudyComments", "RequestedProcedureComments", "ImagingServiceRequestComments",
     "PlacerOrderNumberImagingServiceRequest", "FillerOrderNumberImagingServiceRequest",
     "ScheduledProcedureStepDescription", "AcquisitionComments", "FrameComments", "TextComments",
+    # dates and times
     "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "StudyTime", "SeriesTime",
     "AcquisitionTime", "ContentTime", "AcquisitionDateTime", "InstanceCreationDate",
     "InstanceCreationTime",

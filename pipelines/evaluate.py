@@ -97,13 +97,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines.evaluate_lib import score_predictions, write_predictions
     from pipelines.evaluation_report import write_evaluation_report
-    from pipelines.rocov2 import DatasetError, has_split, read_split
+    from pipelines.rocov2 import DatasetError, list_splits, read_split
 
-    if args.num_beams is not None and not args.model.endswith(".keras"):
+    if args.num_beams is not None and args.num_beams < 1:
+        p.error(f"--num-beams must be 1 or more, got {args.num_beams}")
+    if args.num_beams is not None and args.sampler == "beam" and not args.model.endswith(".keras"):
         print("note: --num-beams applies to .keras models; this model's beam_search signature keeps the beam width "
               "it was exported with (python -m export --num-beams)")
     if args.split is None:
-        args.split = "test" if has_split(args.dataset, "test") else "valid"
+        found = list_splits(args.dataset)
+        args.split = "valid" if "test" not in found and "valid" in found else "test"
         if args.split == "valid":
             print(f"{args.dataset} has no test split: evaluating on valid")
     try:
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"evaluations/{name}-{args.split}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    captions = caption_records(args.model, records, args.sampler, args.num_beams or 3, args.batch_size)
+    captions = caption_records(args.model, records, args.sampler, 3 if args.num_beams is None else args.num_beams, args.batch_size)
     seconds = time.perf_counter() - start
     write_predictions(out / "predictions.csv", records, captions)
     metrics = score_predictions(records, captions, preprocess=not args.raw)

@@ -2,9 +2,9 @@
 
 Every check happens in the TensorFlow graph, before any pixel is decoded where
 possible, and fails with `tf.errors.InvalidArgumentError` and a clear message:
-empty input, bytes that are neither PNG nor JPEG, zero-size images, CMYK JPEGs (TensorFlow's
-decoder reads greyscale and RGB only; the client and the app convert them), and images over the
-pixel cap (a decompression bomb is refused from its header).
+empty input, bytes that are neither PNG nor JPEG, zero-size images, and images over the pixel cap
+(a decompression bomb is refused from its header). CMYK JPEGs (print figures) decode too: libjpeg
+turns them into RGB, and into grey by way of RGB.
 Only standard TensorFlow ops are used, so TF Serving runs it unchanged.
 """
 
@@ -58,6 +58,11 @@ def _jpeg_components(image_bytes: tf.Tensor) -> tf.Tensor:
                    lambda: tf.image.extract_jpeg_shape(image_bytes)[2], lambda: tf.constant(0, tf.int32))
 
 
+def _decode(image_bytes: tf.Tensor, channels: int) -> tf.Tensor:
+    """PNG or JPEG bytes -> float32 [H, W, channels] in [0, 1], unchecked."""
+    return tf.io.decode_image(image_bytes, channels=channels, dtype=tf.float32, expand_animations=False)
+
+
 def decode_image(image_bytes: tf.Tensor, channels: int = 1, max_pixels: int = MAX_PIXELS) -> tf.Tensor:
     """Checked decode of PNG/JPEG (8- or 16-bit, grey or colour) to float32 [H, W, channels] in [0, 1]."""
     image_bytes = tf.convert_to_tensor(image_bytes, tf.string)
@@ -69,16 +74,18 @@ def decode_image(image_bytes: tf.Tensor, channels: int = 1, max_pixels: int = MA
         )
     with tf.control_dependencies([known]):
         shape = image_shape(image_bytes)
-        colour = _fail_unless(_jpeg_components(image_bytes) != 4,
-                              "CMYK JPEG: the decoder reads greyscale and RGB JPEGs only; convert it to RGB "
-                              "(the medcap client and app do this before sending).")
     non_zero = _fail_unless(tf.reduce_all(shape > 0), "Image has zero width or height.")
     small_enough = _fail_unless(
         shape[0] * shape[1] <= max_pixels,
         f"Image too large: more than {max_pixels:,} pixels (the limit guards against decompression bombs).",
     )
-    with tf.control_dependencies([non_zero, small_enough, colour]):
-        image = tf.io.decode_image(image_bytes, channels=channels, dtype=tf.float32, expand_animations=False)
+    with tf.control_dependencies([non_zero, small_enough]):
+        if channels == 1:  # libjpeg converts CMYK to RGB but not to grey: those go by way of RGB
+            image = tf.cond(tf.equal(_jpeg_components(image_bytes), 4),
+                            lambda: tf.image.rgb_to_grayscale(_decode(image_bytes, 3)),
+                            lambda: _decode(image_bytes, 1))
+        else:
+            image = _decode(image_bytes, channels)
     image.set_shape([None, None, channels])
     return image
 

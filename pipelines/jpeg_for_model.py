@@ -1,11 +1,11 @@
-"""JPEGs that the model's decoder would misread, made readable on the client's side: PNG of what a viewer shows.
+"""EXIF-rotated JPEGs made upright on the client's side: the PNG of what a viewer shows.
 
-The model's graph decodes with TensorFlow's JPEG decoder, which reads greyscale and YCbCr/RGB JPEGs
-only and ignores the EXIF orientation that every viewer applies. So a CMYK JPEG (common in figures
-prepared for print) fails, and a phone photo of a film stored sideways with an EXIF rotation would be
-captioned sideways. The gRPC client and the app send such files as the PNG of their upright RGB pixels,
-as they turn DICOM into PNG; training skips them with a reason (`pipelines.rocov2.inspect_image`) and
-the SavedModel refuses CMYK with a clear message.
+The model's graph decodes with TensorFlow's JPEG decoder, which ignores the EXIF orientation that
+every viewer applies: a phone photo of a film stored sideways would be captioned sideways, and the
+app's attention overlay would disagree with the image on screen. The gRPC client and the app send
+such files as the PNG of their upright pixels, as they turn DICOM into PNG; training skips them with
+a reason (`pipelines.rocov2.inspect_image`), since the decoder would show the model other pixels than
+the caption's author saw.
 """
 
 from __future__ import annotations
@@ -15,38 +15,31 @@ import io
 from PIL import Image, ImageOps
 
 EXIF_ORIENTATION = 0x0112  # 1: as stored; 2-8: mirror and/or rotate for display
+MAX_PIXELS = 50_000_000  # as pipelines.images allows (that module imports TensorFlow; the client must not)
 
 
-def jpeg_problem(data: bytes) -> str:
-    """'' for bytes the decoder reads as a viewer shows them; else 'CMYK' and/or 'EXIF orientation N'.
+def exif_rotation(image: Image.Image) -> int:
+    """The EXIF orientation (2-8) that a viewer would apply to an opened JPEG, else 0."""
+    if image.format != "JPEG":
+        return 0
+    value = image.getexif().get(EXIF_ORIENTATION)
+    return value if isinstance(value, int) and 2 <= value <= 8 else 0
 
-    Anything unreadable is '' too: the model's decoder reports bad bytes clearly itself.
+
+def readable_by_the_model(data: bytes) -> tuple[bytes, int]:
+    """(`data`, 0) unchanged, or (the upright PNG, its EXIF orientation) for an EXIF-rotated JPEG.
+
+    Bytes that do not open, are too large or do not decode fully pass unchanged: the model's decoder
+    refuses them with a clear message of its own.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
-            if image.format != "JPEG":
-                return ""
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-            problems = ["CMYK"] if image.mode == "CMYK" else []
-    except Exception:  # noqa: BLE001 - not for us to judge
-        return ""
-    if orientation not in (None, 1):
-        problems.append(f"EXIF orientation {orientation}")
-    return " and ".join(problems)
-
-
-def upright_png(data: bytes) -> bytes:
-    """The PNG of a JPEG's pixels as a viewer shows them: EXIF orientation applied, CMYK as RGB."""
-    with Image.open(io.BytesIO(data)) as image:
-        shown = ImageOps.exif_transpose(image)
-        if shown.mode == "CMYK":
-            shown = shown.convert("RGB")  # PIL undoes Adobe's inverted CMYK
-        buffer = io.BytesIO()
-        shown.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def readable_by_the_model(data: bytes) -> tuple[bytes, str]:
-    """(`data`, '') unchanged, or (its `upright_png`, what was wrong) for a CMYK or EXIF-rotated JPEG."""
-    problem = jpeg_problem(data)
-    return (upright_png(data), problem) if problem else (data, "")
+            rotation = exif_rotation(image)
+            if not rotation or image.width * image.height > MAX_PIXELS:
+                return data, 0
+            upright = ImageOps.exif_transpose(image)
+            buffer = io.BytesIO()
+            upright.save(buffer, format="PNG")
+    except Exception:  # noqa: BLE001 - truncated, corrupt, a decompression bomb: not for us to judge
+        return data, 0
+    return buffer.getvalue(), rotation

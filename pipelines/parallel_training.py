@@ -84,20 +84,6 @@ class PrefixedStream(io.TextIOBase):
     def writable(self) -> bool:
         return True
 
-    def isatty(self) -> bool:
-        return self.stream.isatty()
-
-    def fileno(self) -> int:
-        return self.stream.fileno()
-
-    @property
-    def encoding(self) -> str:
-        return self.stream.encoding
-
-    @property
-    def errors(self) -> str | None:
-        return self.stream.errors
-
 
 @dataclass
 class ModelJob:
@@ -140,7 +126,7 @@ def copy_prefixed(source, target, prefix: str) -> None:
                 try:
                     stream.write(text)
                     stream.flush()
-                except (OSError, ValueError):
+                except Exception:  # noqa: BLE001 - whatever it is, keep draining: a stopped copier blocks the child
                     failed = True
             if not chunk:
                 return
@@ -246,6 +232,10 @@ def train_in_parallel(names, cfg, run_dir: Path, splits: dict, eval_records, con
     except BaseException:
         for process, _ in children.values():
             process.terminate()
+        for process, _ in children.values():
+            process.join(5)
+        for thread in copiers:  # their last words (a traceback) before this process reports its own
+            thread.join(5)
         raise
     for thread in copiers:  # the children have ended: print the last of their output before reporting
         thread.join(timeout=10)

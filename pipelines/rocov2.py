@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image, ImageFile, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from pipelines.jpeg_for_model import EXIF_ORIENTATION
+from pipelines.jpeg_for_model import exif_rotation
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ PROBLEM_KINDS = (
     "empty_file",
     "truncated_or_corrupt",
     "not_an_image",
-    "unsupported_colour",
     "exif_rotated",
     "too_large",
     "empty_caption",
@@ -50,8 +49,6 @@ PROBLEM_HELP = {
     "truncated_or_corrupt": "the image does not decode fully (truncated download or corrupt data)",
     "not_an_image": "not a PNG or JPEG file; the model's decoder reads only PNG and JPEG "
     "(convert DICOM with pipelines.dicom.dicom_to_png, other formats to PNG)",
-    "unsupported_colour": "a CMYK JPEG, which TensorFlow's JPEG decoder cannot read; convert it to RGB "
-    "(e.g. `mogrify -colorspace sRGB FILE`)",
     "exif_rotated": "a JPEG whose EXIF orientation asks viewers to rotate or mirror it; TensorFlow's decoder "
     "does not, so the model would learn from pixels unlike what the caption describes (apply it with "
     "`mogrify -auto-orient FILE`)",
@@ -59,7 +56,7 @@ PROBLEM_HELP = {
     "empty_caption": "the caption is empty",
     "duplicate_id": "the ID appears more than once in the CSV; the first row is kept",
 }
-CACHE_VERSION = 2  # 2: CMYK and EXIF-rotated JPEGs are flagged
+CACHE_VERSION = 2  # 2: EXIF-rotated JPEGs are flagged
 CACHE_ENV = "MEDCAP_CACHE_DIR"
 _MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG"}  # as pipelines.images sniffs them
 
@@ -127,11 +124,6 @@ def _split_names(split: str) -> tuple[str, ...]:
         if split in names:
             return (split, *[n for n in names if n != split])
     return (split,)
-
-
-def has_split(root: str | Path, split: str) -> bool:
-    """True when `root` has a captions CSV for `split` (or one of its aliases)."""
-    return _find_existing(Path(root), _split_names(split), "_captions.csv") is not None
 
 
 def _find_existing(root: Path, names: tuple[str, ...], suffix: str) -> Path | None:
@@ -245,10 +237,8 @@ def inspect_image(path: str | Path, max_pixels: int = 50_000_000) -> tuple[str |
             width, height = image.size
             if width * height > max_pixels:
                 return "too_large", f"{width}x{height}"
-            if fmt == "JPEG" and image.mode == "CMYK":
-                return "unsupported_colour", "CMYK JPEG"
-            if fmt == "JPEG" and image.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1):
-                return "exif_rotated", f"EXIF orientation {image.getexif()[EXIF_ORIENTATION]}"
+            if exif_rotation(image):
+                return "exif_rotated", f"EXIF orientation {exif_rotation(image)}"
             image.load()
         return None, ""
     except FileNotFoundError:

@@ -216,9 +216,9 @@ def prepare_upload(data: bytes, max_upload_mb: float = 50.0) -> PreparedImage:
         kind = "PNG"
     elif data.startswith(JPEG_MAGIC):
         kind = "JPEG"
-        data, problem = readable_by_the_model(data)  # CMYK or EXIF-rotated: the PNG a viewer shows
-        if problem:
-            kind = f"JPEG ({problem}: sent as the upright RGB PNG)"
+        data, rotation = readable_by_the_model(data)  # EXIF-rotated: the upright PNG a viewer shows
+        if rotation:
+            kind = f"JPEG (EXIF orientation {rotation} applied: sent upright as PNG)"
     elif is_dicom(data):
         try:
             png = dicom_to_png(data)  # rescale, window / VOI LUT, MONOCHROME1 inverted

@@ -56,7 +56,7 @@ class CaptionError(Exception):
 
 
 def read_image(path: str | Path) -> bytes:
-    """PNG or JPEG bytes for a file: PNG/JPEG as is (a CMYK or EXIF-rotated JPEG as the PNG a viewer shows),
+    """PNG or JPEG bytes for a file: PNG/JPEG as is (an EXIF-rotated JPEG as the upright PNG a viewer shows),
     DICOM converted to PNG; CaptionError otherwise."""
     try:
         data = Path(path).read_bytes()

@@ -259,12 +259,16 @@ def test_dicom_is_windowed_and_no_patient_field_is_shown(env, models):
     assert "DOE" not in download and "JANE" not in download and "MRN" not in download
 
 
-def test_a_cmyk_jpeg_upload_is_converted_not_called_corrupt():
-    buffer = io.BytesIO()
-    Image.new("CMYK", (30, 20), (0, 160, 255, 0)).save(buffer, format="JPEG")
-    image = backend.prepare_upload(buffer.getvalue())
-    assert image.kind == "JPEG (CMYK: sent as the upright RGB PNG)" and image.data.startswith(b"\x89PNG")
-    assert (image.height, image.width) == (20, 30)
+def test_odd_jpegs_upload_cmyk_as_it_is_and_an_exif_rotated_one_upright():
+    cmyk, rotated, exif = io.BytesIO(), io.BytesIO(), Image.Exif()
+    Image.new("CMYK", (30, 20), (0, 160, 255, 0)).save(cmyk, format="JPEG")  # once "truncated or corrupt"
+    image = backend.prepare_upload(cmyk.getvalue())
+    assert image.kind == "JPEG" and image.data == cmyk.getvalue() and (image.height, image.width) == (20, 30)
+    exif[0x0112] = 8  # viewers rotate it 90 degrees counter-clockwise
+    Image.new("L", (30, 20), 99).save(rotated, format="JPEG", exif=exif)
+    image = backend.prepare_upload(rotated.getvalue())
+    assert image.kind == "JPEG (EXIF orientation 8 applied: sent upright as PNG)" and image.data.startswith(b"\x89PNG")
+    assert (image.height, image.width) == (30, 20)
 
 
 def test_without_keras_models_attention_says_what_it_needs(env, models):

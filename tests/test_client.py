@@ -3,6 +3,7 @@ leaves the machine), bad files reported one by one, retries only on UNAVAILABLE,
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -109,14 +110,14 @@ def test_bad_files_are_reported_one_by_one(server, files, tmp_path, capsys):
     assert out.count("ERROR: ") == 4 and not any(secret in out for secret in SECRETS)
 
 
-def test_a_cmyk_jpeg_is_sent_as_the_png_a_viewer_shows(tmp_path):
+def test_an_exif_rotated_jpeg_is_sent_as_the_upright_png_a_viewer_shows(tmp_path):
     from PIL import Image
 
-    from pipelines.jpeg_for_model import upright_png
-
-    path = tmp_path / "print_figure.jpg"
-    Image.new("CMYK", (20, 12), (0, 160, 255, 0)).save(path, format="JPEG")
-    assert client_cli.read_image(path) == upright_png(path.read_bytes())
+    path, exif = tmp_path / "phone_photo.jpg", Image.Exif()
+    exif[0x0112] = 6
+    Image.new("L", (20, 12), 99).save(path, format="JPEG", exif=exif)
+    sent = client_cli.read_image(path)
+    assert sent.startswith(b"\x89PNG") and Image.open(io.BytesIO(sent)).size == (12, 20)
     (tmp_path / "rgb.jpg").write_bytes(jpeg_bytes(30, (12, 20)))
     assert client_cli.read_image(tmp_path / "rgb.jpg") == (tmp_path / "rgb.jpg").read_bytes()  # as it is
 

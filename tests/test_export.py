@@ -103,15 +103,14 @@ def test_graph_uses_only_core_and_tensorflow_text_ops(exported):
     assert all(op.startswith("TFText>") or op in TEXT_OPS for op in out["not_core"]), out["not_core"]
 
 
-def test_bad_bytes_are_invalid_argument(exported):
+def test_bad_bytes_are_invalid_argument_and_odd_good_ones_caption(exported):
     _, path = exported
     sig = tf.saved_model.load(str(path)).signatures["serving_default"]
     with pytest.raises(tf.errors.InvalidArgumentError, match="Not a PNG or JPEG"):
         sig(images=tf.constant([png(1), b"not an image"]))
-    cmyk = io.BytesIO()
+    cmyk = io.BytesIO()  # a print figure: libjpeg reads it as RGB, and as grey by way of RGB
     Image.new("CMYK", (40, 30), (0, 160, 255, 0)).save(cmyk, format="JPEG")
-    with pytest.raises(tf.errors.InvalidArgumentError, match="CMYK JPEG"):
-        sig(images=tf.constant([cmyk.getvalue()]))
+    assert len(sig(images=tf.constant([cmyk.getvalue()]))["captions"].numpy()) == 1
     wide = io.BytesIO()
     Image.new("L", (4000, 20), 200).save(wide, format="PNG")  # 200:1: at 32 px its short side is 0.16 px
     assert len(sig(images=tf.constant([wide.getvalue()]))["captions"].numpy()) == 1

@@ -88,11 +88,18 @@ def test_pad_keeps_a_pixel_of_the_short_side_and_otherwise_matches_tensorflows(h
         assert out.numpy().max() > 0  # the image's line is there, not only padding
 
 
-def test_cmyk_jpeg_is_refused_with_a_clear_message():
+def test_a_cmyk_jpeg_decodes_to_rgb_and_to_grey_by_way_of_rgb():
     buffer = io.BytesIO()
-    Image.new("CMYK", (16, 12), (0, 128, 255, 30)).save(buffer, format="JPEG")
-    with pytest.raises(tf.errors.InvalidArgumentError, match="CMYK JPEG: the decoder reads greyscale and RGB"):
-        preprocess_image(buffer.getvalue(), CFG)
+    Image.new("CMYK", (16, 12), (0, 160, 255, 0)).save(buffer, format="JPEG", quality=95)  # orange
+    with pytest.raises(tf.errors.InvalidArgumentError):  # what libjpeg alone does: no CMYK -> grey
+        tf.io.decode_jpeg(buffer.getvalue(), channels=1)
+    rgb = decode_image(buffer.getvalue(), channels=3).numpy()
+    red, green, blue = rgb.reshape(-1, 3).mean(0)
+    assert rgb.shape == (12, 16, 3) and red > 0.9 and 0.3 < green < 0.45 and blue < 0.06
+    grey = decode_image(buffer.getvalue(), channels=1).numpy()
+    assert grey.shape == (12, 16, 1)
+    np.testing.assert_allclose(grey, tf.image.rgb_to_grayscale(rgb).numpy(), atol=1e-6)
+    assert preprocess_image(buffer.getvalue(), CFG).shape == (32, 32, 1)
 
 
 def test_normalisation_matches_config(grey):

@@ -37,8 +37,6 @@ def test_each_line_gets_the_prefix_once_also_progress_bar_updates():
     stream.write(" in two parts\n")
     assert out.getvalue() == ("[git] Epoch 1/3\n[git] 250/250 - 56s - loss: 1.0\n\n[git] already prefixed\n"
                               "\r[git] captioning: 50%\r[git] captioning: 100%\n[git] a line written in two parts\n")
-    encoded = PrefixedStream(io.TextIOWrapper(io.BytesIO(), encoding="utf-8"), "[git] ")
-    assert encoded.writable() and encoded.encoding == "utf-8"  # tqdm reads it to pick its bar characters
 
 
 def _noisy_child(stdout_pipe, stderr_pipe) -> None:
@@ -123,18 +121,41 @@ def _alive(pid: int) -> bool:
     return not (stat.is_file() and stat.read_text().split()[2] == "Z")  # a zombie has stopped
 
 
+def _start_side_by_side(run_dir: Path, **popen) -> tuple[subprocess.Popen, list[int], list[str]]:
+    """A tiny side-by-side run, once both models are training: (its process, the training processes, command)."""
+    command = TINY_RUN + ["--epochs", "6", "--parallel", "--run-dir", str(run_dir)]
+    parent = subprocess.Popen(command, cwd=REPO, **{"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen})
+    deadline = time.monotonic() + 300
+    while not all((run_dir / name / "history.csv").is_file() for name in ("cnn_gru", "git")):
+        if parent.poll() is not None or time.monotonic() > deadline:
+            parent.kill()
+            pytest.fail("both models should be training by now")
+        time.sleep(0.5)
+    workers = _training_processes(parent.pid)
+    assert len(workers) == 2
+    return parent, workers, command
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and uses pgrep")
+def test_an_interrupted_parallel_run_stops_its_children_and_keeps_their_last_output(tmp_path):
+    with open(tmp_path / "out", "wb") as stdout, open(tmp_path / "err", "wb") as stderr:  # files: a pipe could fill
+        parent, workers, _ = _start_side_by_side(tmp_path / "run", stdout=stdout, stderr=stderr)
+        try:
+            parent.send_signal(signal.SIGINT)  # Ctrl-C, to the parent alone: it must stop the children itself
+            parent.wait(timeout=60)
+        finally:
+            parent.kill()
+    out, err = (tmp_path / "out").read_bytes(), (tmp_path / "err").read_bytes()
+    assert parent.returncode != 0 and not any(_alive(pid) for pid in workers)
+    assert b"[cnn_gru] " in out and b"[git] " in out and b"KeyboardInterrupt" in err
+    assert b"Fatal Python error" not in err
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and uses pgrep")
 def test_a_killed_parallel_run_leaves_no_training_behind_and_resumes(tmp_path):
     run_dir = tmp_path / "run"
-    command = TINY_RUN + ["--epochs", "6", "--parallel", "--run-dir", str(run_dir)]
-    parent = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parent, workers, command = _start_side_by_side(run_dir)
     try:
-        deadline = time.monotonic() + 300
-        while not all((run_dir / name / "history.csv").is_file() for name in ("cnn_gru", "git")):
-            assert parent.poll() is None and time.monotonic() < deadline, "both models should be training by now"
-            time.sleep(0.5)
-        workers = _training_processes(parent.pid)
-        assert len(workers) == 2
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         give_up = time.monotonic() + 30

@@ -21,7 +21,9 @@ DEFAULT_IMAGE_CONFIG = {
 
 # Detokenized WordPiece spaces out punctuation ("portable ap chest x - ray , pa view : 3 . 5 cm ( arrow ) .");
 # these rewrites (RE2 and Python `re` alike) write it back as text: "x-ray, pa view: 3.5 cm (arrow)."
+# A caption that starts with a word-continuation piece (an undertrained model's "##ay") loses the "##".
 _TIDY = (
+    (r"^##", ""),
     (r"(\d) \. (\d)", r"\1.\2"),
     (r" ([-/]) ", r"\1"),
     (r" ([.,:;!?)\]])", r"\1"),

@@ -62,6 +62,13 @@ def test_detokenized_captions_read_as_text_in_python_and_in_the_graph():
     assert tok.detokenize([ids.tolist(), ids[:4].tolist()]) == [expected, "portable ap chest x"]
     in_graph = tf.function(tok.detokenize, autograph=False)(tf.constant([ids]))
     assert [c.decode() for c in in_graph.numpy()] == [expected]
+    continuation = next(i for i in range(tok.vocabulary_size())
+                        if tok.id_to_token(i).startswith("##") and tok.id_to_token(i)[2:].isalpha())
+    piece = tok.id_to_token(continuation)[2:]  # an undertrained model may start a caption with one
+    starts_mid_word = [continuation, *ids[1:3].tolist()]  # "##xy ap chest"
+    assert tok.detokenize(starts_mid_word) == piece + " ap chest"
+    in_graph = tf.function(tok.detokenize, autograph=False)(tf.constant([starts_mid_word]))
+    assert in_graph.numpy()[0].decode() == piece + " ap chest"
 
 
 def test_vocabulary_without_specials_is_refused():

@@ -93,8 +93,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     p.add_argument("--freeze-stem", action=argparse.BooleanOptionalAction, dest="freeze_stem",
                    help="after concept pretraining, freeze the image encoder's early layers (CNN-GRU: the compact "
                         "CNN's high-resolution half; GIT: its conv stem) while the captioner trains the rest: "
-                        "faster epochs. Default: the preset's (CNN-GRU small: on, about the same captions in trials; "
-                        "GIT small: off, its stem still learns in the captioner's epochs)")
+                        "faster epochs. Default: the preset's (small: on; the same captions in trials, and the time "
+                        "saved fits GIT one more captioner epoch)")
     p.add_argument("--vocab-size", type=int, default=2000, dest="vocabulary_size",
                    help="WordPiece vocabulary size learned from the training captions")
     p.add_argument("--sequence-length", type=int, help="maximum caption length in tokens (default: the preset's)")

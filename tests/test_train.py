@@ -245,7 +245,8 @@ def test_a_frozen_image_stem_keeps_its_weights_and_statistics_while_the_rest_tra
 
 def test_only_the_conv_stems_of_our_presets_freeze():
     tokenizer = make_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "chest"])
-    assert presets("cnn_gru")["small"]["train"]["freeze_stem"] and not presets("git")["small"]["train"]["freeze_stem"]
+    assert presets("cnn_gru")["small"]["train"]["freeze_stem"] and presets("git")["small"]["train"]["freeze_stem"]
+    assert not presets("git")["base"]["train"].get("freeze_stem")  # imported checkpoints: no conv stem to freeze
     conv = build_captioner("git", "tiny", tokenizer, vision_stem="conv")
     assert conv.backbone.image_stem_layers() == [conv.backbone.vision_encoder.embedding.patch_embedding]
     assert build_captioner("git", "tiny", tokenizer).backbone.image_stem_layers() == []  # CLIP's patch conv

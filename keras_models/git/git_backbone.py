@@ -211,7 +211,7 @@ class GitBackbone(keras_hub.models.Backbone):
         """The vision encoder's convolutional stem (`vision_stem="conv"`); [] with CLIP's patch convolution.
 
         With `--freeze-stem`, `pipelines.training` freezes it after concept pretraining and trains the transformer
-        layers above it. The `small` preset leaves it off: after one pretraining epoch the stem still had to learn.
+        layers above it, as the `small` preset does (after 7-8 pretraining epochs the stem has learned its part).
         """
         return [self.vision_encoder.embedding.patch_embedding] if self.vision_stem == "conv" else []
 

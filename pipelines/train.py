@@ -91,10 +91,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                         "GIT 10, as many as the budget fits; pretraining also stops once its validation loss rises); "
                         "0 = off, which did better for the CNN-GRU on a small real sample (README)")
     p.add_argument("--freeze-stem", action=argparse.BooleanOptionalAction, dest="freeze_stem",
-                   help="after concept pretraining, freeze the image encoder's early layers (CNN-GRU: the compact "
-                        "CNN's high-resolution half; GIT: its conv stem) while the captioner trains the rest: "
-                        "faster epochs. Default: the preset's (small: on; the same captions in trials, and the time "
-                        "saved fits GIT one more captioner epoch)")
+                   help="after concept pretraining, freeze the image encoder's convolutions (CNN-GRU: the compact "
+                        "CNN; GIT: its conv stem) while the captioner trains the rest: "
+                        "faster epochs. Default: the preset's (small: on; the time saved fits one more captioner "
+                        "epoch for each model)")
     p.add_argument("--vocab-size", type=int, default=2000, dest="vocabulary_size",
                    help="WordPiece vocabulary size learned from the training captions")
     p.add_argument("--sequence-length", type=int, help="maximum caption length in tokens (default: the preset's)")

@@ -105,10 +105,11 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         return [self.image_encoder]
 
     def image_stem_layers(self) -> list:
-        """The compact CNN's first half of stages (its high-resolution ones); [] for keras.applications encoders.
+        """The compact CNN's convolution blocks; [] for keras.applications encoders.
 
-        `pipelines.training` freezes them after concept pretraining: their backward pass is most of the
-        encoder's cost in a captioner step, and training them further changed the captions little.
+        `pipelines.training` freezes them after concept pretraining (the projection and mixer above keep
+        training): their backward pass is most of the encoder's cost in a captioner step, and after the 8-9
+        pretraining epochs the small preset gets, training them further did not help the captions.
         """
         return self.image_encoder.stem_layers()
 

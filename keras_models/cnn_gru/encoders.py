@@ -106,10 +106,10 @@ class ImageEncoder(keras.layers.Layer):
         return self.mixer(ops.relu(x + self.position_embedding(x)))
 
     def stem_layers(self) -> list:
-        """The compact CNN's layers in its first `len(filters) // 2` blocks; [] for the applications."""
+        """The compact CNN's convolution blocks, all of them; [] for the applications."""
         if self.encoder != "compact":
             return []
-        blocks = tuple(f"block{i}_" for i in range(1, len(self.filters) // 2 + 1))
+        blocks = tuple(f"block{i}_" for i in range(1, len(self.filters) + 1))
         return [layer for layer in self.cnn.layers if layer.name.startswith(blocks)]
 
     def compute_output_shape(self, input_shape):

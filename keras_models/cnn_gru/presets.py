@@ -51,7 +51,7 @@ PRESETS = {
         # 6 + 3 in the default run of 2026-12-03 (92.6% again).
         # freeze_stem: after the pretraining the compact CNN stays fixed (its projection and mixer train on). Freezing
         # blocks 1-2 only ran captioner epochs ~1.2x faster with about the same captions (fixed 2 + 2 epochs: 77.5%
-        # against 77.6%); the whole CNN after 2 pretraining epochs cost them (65.6%), after the 9 that now fit it does
+        # against 77.6%); the whole CNN after 2 pretraining epochs cost them (65.6%), after the 9-10 that now fit it does
         # not, and the time saved fits a 4th captioner epoch beside GIT: default run 9 + 4, every field >= 95%
         # (finding 96.4, size 95.4, all fields 94.4%) against 9 + 3 with blocks 1-2 frozen (95.9, 94.7, 93.7%).
         "train": {"epochs": 4, "concept_epochs": 12, "batch_size": 32, "learning_rate": 2e-3, "time_budget_minutes": 6.2,

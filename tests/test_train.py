@@ -31,6 +31,19 @@ def test_the_saved_config_names_synthetic_sizes_only_for_the_synthetic_set():
         parse_args(["--dataset", "pipelines/examples", "--synthetic-size", "80", "10", "10"])
 
 
+def test_backbone_settings_from_the_command_line_are_literals_and_must_exist_in_each_model_trained(capsys):
+    cfg, _ = parse_args(["--model", "git", "--backbone", "dropout=0", "--backbone", "vision_stem=conv",
+                         "--backbone", "concept_quadrants=False"])
+    assert cfg.backbone == {"dropout": 0, "vision_stem": "conv", "concept_quadrants": False}
+    assert parse_args(["--backbone", "dropout=0.2"])[0].backbone == {"dropout": 0.2}  # in both backbones
+    for argv, message in [(["--model", "git", "--backbone", "dropuot=0"], "dropuot: not a setting of the git backbone"),
+                          (["--backbone", "vision_num_layers=1"], "with --model all a setting must exist in both"),
+                          (["--backbone", "dropout"], "expected KEY=VALUE")]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
 def test_augmentation_follows_the_flag_else_the_preset():
     assert parse_args([])[0].augment is None  # the preset decides
     assert parse_args(["--augment"])[0].augment is True
@@ -201,7 +214,8 @@ def test_concept_epochs_on_a_preset_without_a_concept_head_stop_with_a_clear_mes
 
 def test_concept_pretraining_keeps_the_epoch_with_the_lowest_validation_word_loss(tmp_path):
     # the validation captions use the vocabulary's other words and none of the training ones: each step on
-    # the training words makes the validation word loss worse, so epoch 1 is the best and epoch 2 the last
+    # the training words makes the validation word loss worse, so epoch 1 is the best and epoch 3 (the second
+    # without improvement) the last
     train_caps = ["ct chest left nodule", "mri brain right mass"]
     valid_caps = ["xray hand normal ultrasound thyroid cyst"] * 2
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -219,7 +233,7 @@ def test_concept_pretraining_keeps_the_epoch_with_the_lowest_validation_word_los
         return model, info
 
     stopped, info = pretrained(5, tmp_path / "a")
-    assert info["epochs"] == 2 and info["best_epoch"] == 1
+    assert info["epochs"] == 3 and info["best_epoch"] == 1
     one_epoch, _ = pretrained(1, tmp_path / "b")  # the same first epoch, with nothing to stop
     for a, b in zip(weights_of(one_epoch), weights_of(stopped)):
         np.testing.assert_allclose(a, b, atol=1e-6)

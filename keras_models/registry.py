@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 MODELS = ("cnn_gru", "git")
 
 
@@ -14,6 +16,22 @@ def presets(model: str) -> dict:
     else:
         raise ValueError(f"Unknown model {model!r}; choose one of {MODELS}.")
     return PRESETS
+
+
+def backbone_arguments(model: str) -> list[str]:
+    """The backbone settings a preset (or `build_captioner`'s overrides) may set for family `model`.
+
+    The vocabulary size, image size and channels are not among them: the tokenizer and `image_config` give those.
+    """
+    if model == "cnn_gru":
+        from keras_models.cnn_gru import CNNGRUBackbone as backbone
+    elif model == "git":
+        from keras_models.git import GitBackbone as backbone
+    else:
+        raise ValueError(f"Unknown model {model!r}; choose one of {MODELS}.")
+    given = {"self", "vocabulary_size", "image_size", "channels", "num_channels", "dtype"}
+    return [name for name, parameter in inspect.signature(backbone.__init__).parameters.items()
+            if name not in given and parameter.kind is parameter.POSITIONAL_OR_KEYWORD]
 
 
 def build_captioner(model: str, preset: str, tokenizer, sequence_length: int | None = None, **overrides):

@@ -14,6 +14,7 @@ vocabulary, the exact config and `report.md`.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -44,6 +45,7 @@ class TrainConfig:
     augment: bool | None = None
     concept_epochs: int | None = None
     freeze_stem: bool | None = None
+    backbone: dict = field(default_factory=dict)  # preset backbone settings replaced (--backbone KEY=VALUE)
     vocabulary_size: int = 2000
     sequence_length: int | None = None
     max_train_examples: int | None = None
@@ -55,6 +57,17 @@ class TrainConfig:
     distribute: str = "none"
     parallel: bool | None = None
     synthetic: dict | None = field(default_factory=lambda: {"n_train": 8000, "n_valid": 1000, "n_test": 1000})
+
+
+def backbone_setting(text: str) -> tuple[str, object]:
+    """'dropout=0' -> ('dropout', 0): one `--backbone` setting, its value a Python literal or else a string."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. dropout=0), got {text!r}")
+    try:
+        return key.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return key.strip(), value.strip()  # a bare word such as vision_stem=conv
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
@@ -95,6 +108,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                         "CNN; GIT: its conv stem) while the captioner trains the rest: "
                         "faster epochs. Default: the preset's (small: on; the time saved fits one more captioner "
                         "epoch for each model)")
+    p.add_argument("--backbone", action="append", type=backbone_setting, default=[], metavar="KEY=VALUE",
+                   help="replace one of the preset's backbone settings for this run, e.g. --backbone dropout=0 "
+                        "--backbone vision_num_layers=3 (repeatable; VALUE is a Python literal, a bare word a string; "
+                        "the keys are the backbone's arguments, as in keras_models/git/git_presets.py and "
+                        "keras_models/cnn_gru/presets.py)")
     p.add_argument("--vocab-size", type=int, default=2000, dest="vocabulary_size",
                    help="WordPiece vocabulary size learned from the training captions")
     p.add_argument("--sequence-length", type=int, help="maximum caption length in tokens (default: the preset's)")
@@ -120,6 +138,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     p.add_argument("--strict", action="store_true",
                    help="fail before training if any row has a missing/corrupt image or empty caption")
     args = p.parse_args(argv)
+    args.backbone = dict(args.backbone)
+    if args.backbone:
+        from keras_models.registry import MODELS, backbone_arguments
+
+        for model in MODELS if args.model == "all" else (args.model,):
+            unknown = sorted(set(args.backbone) - set(backbone_arguments(model)))
+            if unknown:
+                p.error(f"--backbone {', '.join(unknown)}: not a setting of the {model} backbone"
+                        + (" (with --model all a setting must exist in both; pick one with --model)"
+                           if args.model == "all" else "") + f". Its settings: {', '.join(backbone_arguments(model))}")
     resume = args.__dict__.pop("resume")
     synthetic_size = args.__dict__.pop("synthetic_size")
     cfg = TrainConfig(**vars(args))

@@ -8,7 +8,7 @@ preset's score depends on how many epochs its time budget fits, and a shared VM'
 minute; two variants that share those minutes see the same drift, so their difference is the change's,
 not the machine's. Arguments after `--` go to both runs; `--a` and `--b` add each variant's own (`--a`
 defaults to none: the settings as they are). Runs land in `--out/seed{S}/{a,b}` (a finished one is read,
-not trained again), the table shows each run's epochs and per-field accuracy, and the JSON keeps them.
+not trained again; an interrupted one continues, as `pipelines/train.py --run-dir` does), the table shows each run's epochs and per-field accuracy, and the JSON keeps them.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ def run_pair(out: Path, seed: int, common: list[str], variants: dict[str, list[s
         log = open(f"{run_dir}.log", "w")  # noqa: SIM115 - closed once the process ends
         command = [sys.executable, "-m", "benchmarks.paired_runs", "--child-threads", str(threads), "--", *args]
         processes[name] = (subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), log)
+    if len(processes) == 1:
+        print(f"warning: seed {seed}: only {next(iter(processes))} is left to train; it trains alone, without the "
+              "other run's minutes (delete both run folders to train the pair again)", flush=True)
     started = time.perf_counter()
     try:
         for name, (process, log) in processes.items():

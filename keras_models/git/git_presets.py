@@ -71,8 +71,8 @@ PRESETS = {
         # 6 instead of 8: 85.3% in a default run.
         # learning rate 2e-3, as the CNN-GRU's (was 1e-3; python -m benchmarks.paired_runs, 12.7-min budget, all fields):
         # seed 1 89.6% against 86.1% (8 + 3 epochs each), seed 0 90.9% (8 + 3) against 88.4% (9 + 2), seed 2 90.3%
-        # (9 + 2) against 89.0% (8 + 2); 3e-3 against
-        # 2e-3: 92.1% against 92.6% (seed 0). Dropout 0 against 0.1 at 2e-3: 91.6% both (seed 0).
+        # (9 + 2) against 89.0% (8 + 2); 3e-3 against 2e-3: 92.1% against 92.6% (seed 0). Dropout 0 against 0.1 at
+        # 2e-3: 91.6% both (seed 0).
         "train": {"epochs": 3, "concept_epochs": 10, "batch_size": 32, "learning_rate": 2e-3, "time_budget_minutes": 6.8,
                   "augment": False, "freeze_stem": True},
     },

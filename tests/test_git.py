@@ -16,7 +16,7 @@ import pytest
 from keras_models.captioner import get_sampler
 from keras_models.git import GitCaptioner, build_git_captioner
 from keras_models.git.convert_hf import convert_checkpoint, load_hf_weights, load_state_dict, main
-from keras_models.git.git_causal_lm import SparseCrossentropyWithLabelSmoothing
+from keras_models.git.git_causal_lm import SparseCrossentropyWithLabelSmoothing, _foldable, _one_static_row, project
 from keras_models.git.git_vision_encoder import GitVisionEncoder, conv_stem
 from pipelines.text import SPECIAL_TOKENS, make_tokenizer
 
@@ -161,6 +161,8 @@ def assert_parity(hf, model: GitCaptioner) -> float:
     assert reference.shape == (2, 21) and not np.array_equal(reference[0], reference[1])
     cached = np.stack(model.generate(images, max_length=21, return_details=True)["token_ids"])
     np.testing.assert_array_equal(cached, reference)
+    one = np.stack(model.generate(images[:1], max_length=21, return_details=True)["token_ids"])
+    np.testing.assert_array_equal(one, reference[:1])  # one row: the decoding step folds its biases (`project`)
     np.testing.assert_array_equal(uncached_greedy(model, images, 20), reference)
     return diff
 
@@ -177,6 +179,23 @@ def test_parity_pytorch_bin_other_shapes(tmp_path):
     model = convert_checkpoint(tmp_path, sequence_length=24)
     assert model.backbone.num_image_tokens == 37
     print(f"config b max abs logit diff: {assert_parity(hf, model):.2e}")
+
+
+def test_one_row_projections_fold_their_bias_and_match_the_layer(checkpoint_a):
+    _, _, model = checkpoint_a
+    layer = model.backbone.transformer_layers[0]
+    attention = layer._self_attention_layer
+    folded = [model.lm_head, attention._query_dense, attention._key_dense, attention._value_dense,
+              layer._feedforward_intermediate_dense, layer._feedforward_output_dense]
+    assert all(_foldable(dense) for dense in folded)
+    assert not _foldable(attention._output_dense)  # it contracts heads and head size: called as it is
+    rng = np.random.default_rng(0)
+    for dense in folded:
+        one = rng.standard_normal((1, 1, dense.kernel.shape[0])).astype("float32")
+        assert _one_static_row(keras.ops.convert_to_tensor(one))
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(project(dense, one)),
+                                   keras.ops.convert_to_numpy(dense(one)), atol=1e-5)
+    assert not _one_static_row(keras.ops.ones((2, 1, 4)))
 
 
 def test_converter_rejects_mismatched_checkpoints(checkpoint_a):

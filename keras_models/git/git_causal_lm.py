@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
@@ -9,6 +11,47 @@ from keras_models.captioner import ImageCaptioner, picked_log_probs
 from keras_models.git.git_backbone import GitBackbone
 from keras_models.git.git_presets import PRESETS
 from keras_models.preprocessor import CaptionPreprocessor
+
+
+def project(layer, x):
+    """`layer(x)`, with the bias folded into the product (`[x, 1] @ [W; b]`) when `x` is one row on TensorFlow.
+
+    One row is a decoding step of one caption. There XLA's CPU compiler fuses a product and the bias added
+    after it into one loop that reads the weights more slowly than the product alone: git-base's six decoder
+    layers took 9.8 ms a step with their biases, 7.3 ms without, and the small shape's 32 greedy tokens 0.17 s
+    against 0.15 s folded. The concatenation is fused into the product, not copied. Layers that cannot be
+    folded (no bias, a contraction over more than the last axis, mixed precision, LoRA, quantized), several
+    rows, a dynamic batch (the SavedModel's) and the other backends call the layer as it is.
+    """
+    if not (_one_static_row(x) and _foldable(layer)):
+        return layer(x)
+    inputs = ops.concatenate([x, ops.ones_like(x[..., :1])], axis=-1)
+    kernel = ops.concatenate([layer.kernel, ops.expand_dims(layer.bias, 0)], axis=0)
+    if isinstance(layer, keras.layers.EinsumDense):
+        y = ops.einsum(layer.equation, inputs, kernel)
+    else:
+        y = ops.matmul(inputs, kernel)
+    return y if layer.activation is None else layer.activation(y)
+
+
+def _one_static_row(x) -> bool:
+    shape = tuple(x.shape[:-1])
+    return keras.config.backend() == "tensorflow" and None not in shape and math.prod(shape) == 1
+
+
+def _foldable(layer) -> bool:
+    """A float32 Dense, or an EinsumDense contracting the input's last axis with its kernel's first, with a bias."""
+    if (getattr(layer, "bias", None) is None or getattr(layer, "lora_enabled", False)
+            or getattr(layer, "quantization_mode", None) or layer.compute_dtype != layer.variable_dtype):
+        return False
+    if type(layer) is keras.layers.Dense:
+        return True
+    if type(layer) is keras.layers.EinsumDense:
+        inputs, rest = layer.equation.split(",")
+        kernel, output = rest.split("->")
+        return (kernel[0] == inputs[-1] and kernel[0] not in output and all(k in output for k in kernel[1:])
+                and tuple(layer.bias.shape) == tuple(layer.kernel.shape[1:]))
+    return False
 
 
 @keras.saving.register_keras_serializable(package="medcap")
@@ -69,7 +112,7 @@ class GitCaptioner(ImageCaptioner):
 
     def next_token_logits(self, hidden, concept_logits=None):
         """LM head on text hidden states, plus the concept head's gated word bias if the backbone has it."""
-        logits = self.lm_head(hidden)
+        logits = project(self.lm_head, hidden)
         if self.backbone.concept_word_bias:  # the backbone refuses the word bias without a concept head
             logits = logits + self.backbone.concept_head.word_bias(hidden, concept_logits)
         return logits
@@ -132,7 +175,7 @@ class GitCaptioner(ImageCaptioner):
         part holds one row per image while `x` holds one per beam (an image's beams are adjacent).
         """
         attention = layer._self_attention_layer
-        query = attention._query_dense(x) * ops.cast(attention._inverse_sqrt_key_dim, x.dtype)
+        query = project(attention._query_dense, x) * ops.cast(attention._inverse_sqrt_key_dim, x.dtype)
         rows, length = ops.shape(query)[0], ops.shape(query)[1]
         heads, head_dim = query.shape[2], query.shape[3]
 
@@ -159,8 +202,8 @@ class GitCaptioner(ImageCaptioner):
             else:
                 context = context + ops.einsum("bhqk,bkhd->bqhd", part, values)
             start = end
-        x = layer._self_attention_layer_norm(x + attention._output_dense(context))
-        feedforward = layer._feedforward_output_dense(layer._feedforward_intermediate_dense(x))
+        x = layer._self_attention_layer_norm(x + project(attention._output_dense, context))
+        feedforward = project(layer._feedforward_output_dense, project(layer._feedforward_intermediate_dense, x))
         return layer._feedforward_layer_norm(x + feedforward)
 
     def _build_cache(self, images, token_ids, padding_mask):
@@ -179,7 +222,7 @@ class GitCaptioner(ImageCaptioner):
         for layer in backbone.transformer_layers:
             attention = layer._self_attention_layer
             image_kv = (attention._key_dense(image), attention._value_dense(image))
-            text_kv = (attention._key_dense(text), attention._value_dense(text))
+            text_kv = (project(attention._key_dense, text), project(attention._value_dense, text))
             text = self._layer(layer, text, [(*image_kv, None, False), (*text_kv, text_mask, False)])
             image = self._layer(layer, image, [(*image_kv, None, False)])
             cache.append((*image_kv, *text_kv))
@@ -203,8 +246,8 @@ class GitCaptioner(ImageCaptioner):
         new_cache = []
         for layer, (image_keys, image_values, text_keys, text_values) in zip(backbone.transformer_layers, cache):
             attention = layer._self_attention_layer
-            text_keys = ops.slice_update(text_keys, start, attention._key_dense(x))
-            text_values = ops.slice_update(text_values, start, attention._value_dense(x))
+            text_keys = ops.slice_update(text_keys, start, project(attention._key_dense, x))
+            text_values = ops.slice_update(text_values, start, project(attention._value_dense, x))
             parts = [(image_keys, image_values, None, True), (text_keys, text_values, mask, False)]
             x = self._layer(layer, x, parts)
             new_cache.append((image_keys, image_values, text_keys, text_values))

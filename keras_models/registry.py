@@ -34,6 +34,17 @@ def backbone_arguments(model: str) -> list[str]:
             if name not in given and parameter.kind is parameter.POSITIONAL_OR_KEYWORD]
 
 
+def backbone_values(model: str, preset: str) -> dict:
+    """The backbone settings family `model`'s `preset` builds with: the backbone's defaults, then the preset's."""
+    from keras_models.cnn_gru import CNNGRUBackbone
+    from keras_models.git import GitBackbone
+
+    parameters = inspect.signature((CNNGRUBackbone if model == "cnn_gru" else GitBackbone).__init__).parameters
+    values = {name: parameters[name].default for name in backbone_arguments(model)
+              if parameters[name].default is not inspect.Parameter.empty}
+    return {**values, **presets(model).get(preset, {}).get("backbone", {})}
+
+
 def build_captioner(model: str, preset: str, tokenizer, sequence_length: int | None = None, **overrides):
     """A compiled captioner of family `model` ('cnn_gru' | 'git') from a preset name."""
     table = presets(model)

@@ -70,6 +70,20 @@ def backbone_setting(text: str) -> tuple[str, object]:
         return key.strip(), value.strip()  # a bare word such as vision_stem=conv
 
 
+def wrong_type(value: object, current: object) -> str | None:
+    """'a bool (preset: True)' when `value` cannot stand where the setting is now `current`; else None.
+
+    Only plain scalars are checked (an int may stand for a float); a setting that is None or a
+    container now may take anything the backbone accepts.
+    """
+    if current is None or not isinstance(current, (bool, int, float, str)):
+        return None
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[type(current)]
+    if isinstance(value, kinds) and (isinstance(value, bool) == isinstance(current, bool)):
+        return None
+    return f"{'an' if type(current) is int else 'a'} {type(current).__name__} (now {current!r})"
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     """Command-line options -> (config, run directory to resume or None)."""
     p = argparse.ArgumentParser(
@@ -140,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     args = p.parse_args(argv)
     args.backbone = dict(args.backbone)
     if args.backbone:
-        from keras_models.registry import MODELS, backbone_arguments
+        from keras_models.registry import MODELS, backbone_arguments, backbone_values
 
         for model in MODELS if args.model == "all" else (args.model,):
             unknown = sorted(set(args.backbone) - set(backbone_arguments(model)))
@@ -148,6 +162,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                 p.error(f"--backbone {', '.join(unknown)}: not a setting of the {model} backbone"
                         + (" (with --model all a setting must exist in both; pick one with --model)"
                            if args.model == "all" else "") + f". Its settings: {', '.join(backbone_arguments(model))}")
+            for key, value in args.backbone.items():
+                wrong = wrong_type(value, backbone_values(model, args.preset).get(key))
+                if wrong:
+                    p.error(f"--backbone {key}={value!r}: the {model} backbone's {key} is {wrong}")
     resume = args.__dict__.pop("resume")
     synthetic_size = args.__dict__.pop("synthetic_size")
     cfg = TrainConfig(**vars(args))

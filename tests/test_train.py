@@ -38,7 +38,10 @@ def test_backbone_settings_from_the_command_line_are_literals_and_must_exist_in_
     assert parse_args(["--backbone", "dropout=0.2"])[0].backbone == {"dropout": 0.2}  # in both backbones
     for argv, message in [(["--model", "git", "--backbone", "dropuot=0"], "dropuot: not a setting of the git backbone"),
                           (["--backbone", "vision_num_layers=1"], "with --model all a setting must exist in both"),
-                          (["--backbone", "dropout"], "expected KEY=VALUE")]:
+                          (["--backbone", "dropout"], "expected KEY=VALUE"),
+                          (["--model", "git", "--backbone", "num_layers=two"], "num_layers is an int (now 2)"),
+                          (["--model", "git", "--backbone", "concept_quadrants=1"], "concept_quadrants is a bool"),
+                          (["--model", "git", "--backbone", "vision_stem=3"], "vision_stem is a str (now 'conv')")]:
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert message in capsys.readouterr().err

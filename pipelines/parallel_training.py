@@ -28,6 +28,10 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+# A child with no result this long after the run's deadline (its evaluation takes about a minute) is taken for
+# hung and stopped, so that the run ends and reports it; without a deadline the parent waits as long as it takes.
+SILENT_AFTER_DEADLINE_SECONDS = 600.0
+
 
 def usable_cpus() -> int:
     """CPU cores this process may run on."""
@@ -193,6 +197,30 @@ def _child(job: ModelJob, parent: int, results, stdout_pipe, stderr_pipe) -> Non
         sys.stderr.flush()
 
 
+def child_result(process, receive, limit: float | None) -> tuple[str, object]:
+    """A child's ("ok", result) or ("error", message) from its pipe, once it has ended.
+
+    A child that sends nothing by `limit` (a `time.perf_counter()` value; None: no limit) is stopped
+    (SIGTERM, then SIGKILL) and reported as hung.
+    """
+    wait = None if limit is None else max(0.0, limit - time.perf_counter())
+    try:
+        if not receive.poll(wait):  # True once the child has sent or died (end of file)
+            process.terminate()
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+            process.join()
+            return "error", (f"no result {SILENT_AFTER_DEADLINE_SECONDS / 60:g} min after the run's deadline: "
+                             "taken for hung, its process was stopped")
+        status, payload = receive.recv()
+    except EOFError:
+        process.join()
+        return "error", f"its process ended with exit code {process.exitcode} and no result"
+    process.join()
+    return status, payload
+
+
 def train_in_parallel(names, cfg, run_dir: Path, splits: dict, eval_records, context: dict,
                       deadline: float | None) -> dict[str, tuple[dict, list[str]]]:
     """Train and evaluate each of `names` in its own process at once; {name: (info, captions)}.
@@ -217,14 +245,10 @@ def train_in_parallel(names, cfg, run_dir: Path, splits: dict, eval_records, con
         children[name] = (process, receive)
         copiers += output_threads
     results, failures = {}, {}
+    limit = None if deadline is None else deadline + SILENT_AFTER_DEADLINE_SECONDS
     try:
         for name, (process, receive) in children.items():
-            try:
-                status, payload = receive.recv()  # blocks until the child answers or dies
-            except EOFError:
-                process.join()
-                status, payload = "error", f"its process ended with exit code {process.exitcode} and no result"
-            process.join()
+            status, payload = child_result(process, receive, limit)
             if status == "ok":
                 results[name] = payload
             else:

@@ -183,3 +183,35 @@ def test_a_model_that_fails_side_by_side_leaves_the_other_to_finish(tmp_path):
         train_in_parallel(["cnn_gru", "no_such_model"], cfg, tmp_path, splits, splits["valid"], context, None)
     assert "--resume continues the run" in str(failed.value)
     assert (tmp_path / "cnn_gru" / "DONE.json").is_file() and (tmp_path / "cnn_gru" / "metrics.json").is_file()
+
+
+def _silent_child(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def test_a_child_silent_past_the_limit_is_stopped_and_reported_hung():
+    spawn = multiprocessing.get_context("spawn")
+    receive, send = spawn.Pipe(duplex=False)
+    process = spawn.Process(target=_silent_child, args=(120,))
+    process.start()
+    started = time.perf_counter()
+    status, message = parallel_training.child_result(process, receive, started + 3)
+    assert status == "error" and "taken for hung" in message
+    assert not process.is_alive() and time.perf_counter() - started < 30
+    send.close()
+
+
+def test_a_child_that_answers_or_dies_is_reported_without_waiting_for_the_limit():
+    spawn = multiprocessing.get_context("spawn")
+    receive, send = spawn.Pipe(duplex=False)
+    process = spawn.Process(target=_silent_child, args=(0,))
+    process.start()
+    send.send(("ok", {"epochs": 1}))
+    assert parallel_training.child_result(process, receive, time.perf_counter() + 600) == ("ok", {"epochs": 1})
+    receive, send = spawn.Pipe(duplex=False)
+    process = spawn.Process(target=_silent_child, args=(0,))
+    process.start()
+    send.close()  # the child's end closed with nothing sent, as when it dies
+    started = time.perf_counter()
+    status, message = parallel_training.child_result(process, receive, None)
+    assert status == "error" and "exit code 0 and no result" in message and time.perf_counter() - started < 30

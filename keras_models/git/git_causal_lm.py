@@ -110,9 +110,14 @@ class GitCaptioner(ImageCaptioner):
         logits = self.next_token_logits(outputs["sequence_output"], outputs.get("concept_logits"))
         super().__init__(inputs=inputs, outputs=logits, **kwargs)
 
+    fold_biases = True  # `project` in the decoding step; False calls each layer as it is (benchmarks.generation)
+
+    def _project(self, layer, x):
+        return project(layer, x) if self.fold_biases else layer(x)
+
     def next_token_logits(self, hidden, concept_logits=None):
         """LM head on text hidden states, plus the concept head's gated word bias if the backbone has it."""
-        logits = project(self.lm_head, hidden)
+        logits = self._project(self.lm_head, hidden)
         if self.backbone.concept_word_bias:  # the backbone refuses the word bias without a concept head
             logits = logits + self.backbone.concept_head.word_bias(hidden, concept_logits)
         return logits
@@ -175,7 +180,7 @@ class GitCaptioner(ImageCaptioner):
         part holds one row per image while `x` holds one per beam (an image's beams are adjacent).
         """
         attention = layer._self_attention_layer
-        query = project(attention._query_dense, x) * ops.cast(attention._inverse_sqrt_key_dim, x.dtype)
+        query = self._project(attention._query_dense, x) * ops.cast(attention._inverse_sqrt_key_dim, x.dtype)
         rows, length = ops.shape(query)[0], ops.shape(query)[1]
         heads, head_dim = query.shape[2], query.shape[3]
 
@@ -202,8 +207,9 @@ class GitCaptioner(ImageCaptioner):
             else:
                 context = context + ops.einsum("bhqk,bkhd->bqhd", part, values)
             start = end
-        x = layer._self_attention_layer_norm(x + project(attention._output_dense, context))
-        feedforward = project(layer._feedforward_output_dense, project(layer._feedforward_intermediate_dense, x))
+        x = layer._self_attention_layer_norm(x + self._project(attention._output_dense, context))
+        intermediate = self._project(layer._feedforward_intermediate_dense, x)
+        feedforward = self._project(layer._feedforward_output_dense, intermediate)
         return layer._feedforward_layer_norm(x + feedforward)
 
     def _build_cache(self, images, token_ids, padding_mask):
@@ -222,7 +228,7 @@ class GitCaptioner(ImageCaptioner):
         for layer in backbone.transformer_layers:
             attention = layer._self_attention_layer
             image_kv = (attention._key_dense(image), attention._value_dense(image))
-            text_kv = (project(attention._key_dense, text), project(attention._value_dense, text))
+            text_kv = (self._project(attention._key_dense, text), self._project(attention._value_dense, text))
             text = self._layer(layer, text, [(*image_kv, None, False), (*text_kv, text_mask, False)])
             image = self._layer(layer, image, [(*image_kv, None, False)])
             cache.append((*image_kv, *text_kv))
@@ -246,8 +252,8 @@ class GitCaptioner(ImageCaptioner):
         new_cache = []
         for layer, (image_keys, image_values, text_keys, text_values) in zip(backbone.transformer_layers, cache):
             attention = layer._self_attention_layer
-            text_keys = ops.slice_update(text_keys, start, project(attention._key_dense, x))
-            text_values = ops.slice_update(text_values, start, project(attention._value_dense, x))
+            text_keys = ops.slice_update(text_keys, start, self._project(attention._key_dense, x))
+            text_values = ops.slice_update(text_values, start, self._project(attention._value_dense, x))
             parts = [(image_keys, image_values, None, True), (text_keys, text_values, mask, False)]
             x = self._layer(layer, x, parts)
             new_cache.append((image_keys, image_values, text_keys, text_values))

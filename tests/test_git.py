@@ -16,7 +16,7 @@ import pytest
 from keras_models.captioner import get_sampler
 from keras_models.git import GitCaptioner, build_git_captioner
 from keras_models.git.convert_hf import convert_checkpoint, load_hf_weights, load_state_dict, main
-from keras_models.git.git_causal_lm import SparseCrossentropyWithLabelSmoothing, _foldable, _one_static_row, project
+from keras_models.git.git_causal_lm import SparseCrossentropyWithLabelSmoothing, _contracted_axes, _one_static_row, project
 from keras_models.git.git_vision_encoder import GitVisionEncoder, conv_stem
 from pipelines.text import SPECIAL_TOKENS, make_tokenizer
 
@@ -185,14 +185,14 @@ def test_one_row_projections_fold_their_bias_and_match_the_layer(checkpoint_a):
     _, _, model = checkpoint_a
     layer = model.backbone.transformer_layers[0]
     attention = layer._self_attention_layer
-    folded = [model.lm_head, attention._query_dense, attention._key_dense, attention._value_dense,
-              layer._feedforward_intermediate_dense, layer._feedforward_output_dense]
-    assert all(_foldable(dense) for dense in folded)
-    assert not _foldable(attention._output_dense)  # it contracts heads and head size: called as it is
+    folded = {model.lm_head: 1, attention._query_dense: 1, attention._key_dense: 1, attention._value_dense: 1,
+              attention._output_dense: 2, layer._feedforward_intermediate_dense: 1, layer._feedforward_output_dense: 1}
+    assert {dense: _contracted_axes(dense) for dense in folded} == folded  # the output one: heads x head size
+    assert _contracted_axes(layer._self_attention_layer_norm) == 0
     rng = np.random.default_rng(0)
-    for dense in folded:
-        one = rng.standard_normal((1, 1, dense.kernel.shape[0])).astype("float32")
-        assert _one_static_row(keras.ops.convert_to_tensor(one))
+    for dense, contracted in folded.items():
+        one = rng.standard_normal((1, 1, *dense.kernel.shape[:contracted])).astype("float32")
+        assert _one_static_row(keras.ops.convert_to_tensor(one), contracted)
         np.testing.assert_allclose(keras.ops.convert_to_numpy(project(dense, one)),
                                    keras.ops.convert_to_numpy(dense(one)), atol=1e-5)
     assert not _one_static_row(keras.ops.ones((2, 1, 4)))

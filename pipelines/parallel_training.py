@@ -28,9 +28,10 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
-# A child with no result this long after the run's deadline (its evaluation takes about a minute) is taken for
-# hung and stopped, so that the run ends and reports it; without a deadline the parent waits as long as it takes.
-SILENT_AFTER_DEADLINE_SECONDS = 600.0
+# A child still running after the run's deadline that has printed nothing for this long (its evaluation prints a
+# progress bar batch by batch) is taken for hung and stopped, so that the run ends and reports it. A child whose
+# model trains without a time budget is not bound by the deadline, and the parent waits as long as it takes.
+SILENT_SECONDS = 600.0
 
 
 def usable_cpus() -> int:
@@ -114,17 +115,43 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
-def copy_prefixed(source, target, prefix: str) -> None:
+class LastOutput:
+    """When a child last printed (`time.perf_counter()`), stamped by its output copiers; starts at creation."""
+
+    def __init__(self):
+        self.at = time.perf_counter()
+
+    def stamp(self) -> None:
+        self.at = time.perf_counter()
+
+    def get(self) -> float:
+        return self.at
+
+
+def _bound_by_deadline(name: str, cfg, deadline: float | None) -> bool:
+    """Whether model `name`'s training stops by the run's deadline (it has a time budget; see `train_one`)."""
+    from keras_models.registry import MODELS, presets
+    from pipelines.training import model_budget_minutes
+
+    preset = presets(name).get(cfg.preset, {}) if name in MODELS else {}
+    return deadline is not None and bool(model_budget_minutes(
+        cfg.time_budget_minutes, preset.get("train", {}).get("time_budget_minutes"), deadline))
+
+
+def copy_prefixed(source, target, prefix: str, heard: LastOutput | None = None) -> None:
     """Copy a child's raw output from the pipe `source` to the text stream `target` until the child closes it.
 
     Each line starts with `prefix`; a partial line (a progress bar's update) goes out as it comes. If `target`
     fails (a closed terminal), the rest is read and dropped, so the child never blocks on a full pipe.
+    `heard` is stamped at each chunk.
     """
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     stream, failed = PrefixedStream(target, prefix), False
     with source:
         while True:
             chunk = os.read(source.fileno(), 1 << 16)
+            if heard is not None:
+                heard.stamp()
             text = decoder.decode(chunk, final=not chunk)
             if text and not failed:
                 try:
@@ -136,10 +163,11 @@ def copy_prefixed(source, target, prefix: str) -> None:
                 return
 
 
-def start_prefixed(context, target, args: tuple, prefix: str, name: str):
+def start_prefixed(context, target, args: tuple, prefix: str, name: str, heard: LastOutput | None = None):
     """Start `target(*args, stdout_pipe, stderr_pipe)` in a process of `context` whose output this process prints.
 
-    The child must hand the two pipes to `redirect_output` first. Returns (process, copying threads).
+    The child must hand the two pipes to `redirect_output` first; its output stamps `heard`. Returns (process,
+    copying threads).
     """
     ends = [context.Pipe(duplex=False) for _ in range(2)]
     process = context.Process(target=target, args=(*args, *(send for _, send in ends)), name=name)
@@ -147,7 +175,7 @@ def start_prefixed(context, target, args: tuple, prefix: str, name: str):
     threads = []
     for (receive, send), stream in zip(ends, (sys.stdout, sys.stderr)):
         send.close()  # the child holds the write ends: when it ends, the copying thread reads the end of file
-        thread = threading.Thread(target=copy_prefixed, args=(receive, stream, prefix), daemon=True,
+        thread = threading.Thread(target=copy_prefixed, args=(receive, stream, prefix, heard), daemon=True,
                                   name=f"{name}-output")
         thread.start()
         threads.append(thread)
@@ -197,28 +225,37 @@ def _child(job: ModelJob, parent: int, results, stdout_pipe, stderr_pipe) -> Non
         sys.stderr.flush()
 
 
-def child_result(process, receive, limit: float | None) -> tuple[str, object]:
+def child_result(process, receive, deadline: float | None, last_output) -> tuple[str, object]:
     """A child's ("ok", result) or ("error", message) from its pipe, once it has ended.
 
-    A child that sends nothing by `limit` (a `time.perf_counter()` value; None: no limit) is stopped
+    A child still running after `deadline` (a `time.perf_counter()` value; None: never) whose output has been
+    silent for `SILENT_SECONDS` (`last_output()`: when it last printed, on the same clock) is stopped
     (SIGTERM, then SIGKILL) and reported as hung.
     """
-    wait = None if limit is None else max(0.0, limit - time.perf_counter())
     try:
-        if not receive.poll(wait):  # True once the child has sent or died (end of file)
-            process.terminate()
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-            process.join()
-            return "error", (f"no result {SILENT_AFTER_DEADLINE_SECONDS / 60:g} min after the run's deadline: "
-                             "taken for hung, its process was stopped")
+        while not receive.poll(None if deadline is None else 5.0):  # True once the child has sent or died
+            now = time.perf_counter()
+            if now > deadline and now - max(deadline, last_output()) > SILENT_SECONDS:
+                _stop(process)
+                return "error", (f"no result and no output for {SILENT_SECONDS / 60:g} min after the run's "
+                                 "deadline: taken for hung, its process was stopped")
         status, payload = receive.recv()
-    except EOFError:
-        process.join()
+    except (EOFError, OSError):  # it died before answering, or while it answered
+        _stop(process)
         return "error", f"its process ended with exit code {process.exitcode} and no result"
-    process.join()
+    _stop(process, grace=60.0)  # it has answered: it ends on its own, unless its shutdown hangs
     return status, payload
+
+
+def _stop(process, grace: float = 10.0) -> None:
+    """Wait up to `grace` seconds for `process` to end, then SIGTERM it, then SIGKILL it."""
+    process.join(grace)
+    if process.is_alive():
+        process.terminate()
+        process.join(10)
+    if process.is_alive():
+        process.kill()
+    process.join()
 
 
 def train_in_parallel(names, cfg, run_dir: Path, splits: dict, eval_records, context: dict,
@@ -236,19 +273,21 @@ def train_in_parallel(names, cfg, run_dir: Path, splits: dict, eval_records, con
           + " (--no-parallel trains them one after the other)", flush=True)
     cfg = types.SimpleNamespace(**vars(cfg))
     spawn = multiprocessing.get_context("spawn")  # a fresh TensorFlow runtime per model
-    children, copiers = {}, []
+    children, copiers, heard = {}, [], {}
     for name in names:
         receive, send = spawn.Pipe(duplex=False)
         job = ModelJob(name, cfg, run_dir, splits, eval_records, context, deadline_in, time.time(), threads)
-        process, output_threads = start_prefixed(spawn, _child, (job, os.getpid(), send), f"[{name}] ", f"medcap-{name}")
+        heard[name] = LastOutput()
+        process, output_threads = start_prefixed(spawn, _child, (job, os.getpid(), send), f"[{name}] ",
+                                                 f"medcap-{name}", heard[name])
         send.close()  # the child holds its end: a child that dies closes the pipe
         children[name] = (process, receive)
         copiers += output_threads
     results, failures = {}, {}
-    limit = None if deadline is None else deadline + SILENT_AFTER_DEADLINE_SECONDS
     try:
         for name, (process, receive) in children.items():
-            status, payload = child_result(process, receive, limit)
+            bound = deadline if _bound_by_deadline(name, cfg, deadline) else None
+            status, payload = child_result(process, receive, bound, heard[name].get)
             if status == "ok":
                 results[name] = payload
             else:

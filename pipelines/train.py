@@ -71,7 +71,7 @@ def backbone_setting(text: str) -> tuple[str, object]:
 
 
 def wrong_type(value: object, current: object) -> str | None:
-    """'a bool (preset: True)' when `value` cannot stand where the setting is now `current`; else None.
+    """'a bool (now True)' when `value` cannot stand where the setting is now `current`; else None.
 
     Only plain scalars are checked (an int may stand for a float); a setting that is None or a
     container now may take anything the backbone accepts.

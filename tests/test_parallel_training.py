@@ -189,29 +189,44 @@ def _silent_child(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def test_a_child_silent_past_the_limit_is_stopped_and_reported_hung():
+def _answering_child(seconds: float, send) -> None:
+    time.sleep(seconds)
+    send.send(("ok", {"epochs": 1}))
+
+
+def test_a_child_silent_past_the_deadline_is_stopped_and_reported_hung(monkeypatch):
+    monkeypatch.setattr(parallel_training, "SILENT_SECONDS", 2.0)
     spawn = multiprocessing.get_context("spawn")
     receive, send = spawn.Pipe(duplex=False)
     process = spawn.Process(target=_silent_child, args=(120,))
     process.start()
     started = time.perf_counter()
-    status, message = parallel_training.child_result(process, receive, started + 3)
+    status, message = parallel_training.child_result(process, receive, started, lambda: started)
     assert status == "error" and "taken for hung" in message
     assert not process.is_alive() and time.perf_counter() - started < 30
     send.close()
 
 
-def test_a_child_that_answers_or_dies_is_reported_without_waiting_for_the_limit():
+def test_a_child_that_prints_answers_or_dies_is_not_taken_for_hung(monkeypatch):
+    monkeypatch.setattr(parallel_training, "SILENT_SECONDS", 1.0)
     spawn = multiprocessing.get_context("spawn")
     receive, send = spawn.Pipe(duplex=False)
-    process = spawn.Process(target=_silent_child, args=(0,))
+    process = spawn.Process(target=_answering_child, args=(4, send))
     process.start()
-    send.send(("ok", {"epochs": 1}))
-    assert parallel_training.child_result(process, receive, time.perf_counter() + 600) == ("ok", {"epochs": 1})
+    started = time.perf_counter()  # past the deadline at once, but still printing: waited for
+    assert parallel_training.child_result(process, receive, started, time.perf_counter) == ("ok", {"epochs": 1})
+    assert time.perf_counter() - started > 3
     receive, send = spawn.Pipe(duplex=False)
     process = spawn.Process(target=_silent_child, args=(0,))
     process.start()
     send.close()  # the child's end closed with nothing sent, as when it dies
-    started = time.perf_counter()
-    status, message = parallel_training.child_result(process, receive, None)
-    assert status == "error" and "exit code 0 and no result" in message and time.perf_counter() - started < 30
+    status, message = parallel_training.child_result(process, receive, None, time.perf_counter)
+    assert status == "error" and "exit code 0 and no result" in message
+
+
+def test_only_a_model_with_a_time_budget_is_bound_by_the_run_deadline():
+    bound = parallel_training._bound_by_deadline
+    assert bound("git", parse_args([])[0], 100.0)  # the small preset's budget extends to the deadline
+    assert not bound("git", parse_args(["--time-budget", "0"])[0], 100.0)
+    assert not bound("git", parse_args(["--preset", "tiny"])[0], 100.0)  # tiny has no budget
+    assert not bound("git", parse_args([])[0], None)

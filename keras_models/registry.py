@@ -18,28 +18,30 @@ def presets(model: str) -> dict:
     return PRESETS
 
 
-def backbone_arguments(model: str) -> list[str]:
-    """The backbone settings a preset (or `build_captioner`'s overrides) may set for family `model`.
-
-    The vocabulary size, image size and channels are not among them: the tokenizer and `image_config` give those.
-    """
+def _backbone_class(model: str) -> type:
+    """The backbone class of family `model`."""
     if model == "cnn_gru":
         from keras_models.cnn_gru import CNNGRUBackbone as backbone
     elif model == "git":
         from keras_models.git import GitBackbone as backbone
     else:
         raise ValueError(f"Unknown model {model!r}; choose one of {MODELS}.")
+    return backbone
+
+
+def backbone_arguments(model: str) -> list[str]:
+    """The backbone settings a preset (or `build_captioner`'s overrides) may set for family `model`.
+
+    The vocabulary size, image size and channels are not among them: the tokenizer and `image_config` give those.
+    """
     given = {"self", "vocabulary_size", "image_size", "channels", "num_channels", "dtype"}
-    return [name for name, parameter in inspect.signature(backbone.__init__).parameters.items()
+    return [name for name, parameter in inspect.signature(_backbone_class(model).__init__).parameters.items()
             if name not in given and parameter.kind is parameter.POSITIONAL_OR_KEYWORD]
 
 
 def backbone_values(model: str, preset: str) -> dict:
     """The backbone settings family `model`'s `preset` builds with: the backbone's defaults, then the preset's."""
-    from keras_models.cnn_gru import CNNGRUBackbone
-    from keras_models.git import GitBackbone
-
-    parameters = inspect.signature((CNNGRUBackbone if model == "cnn_gru" else GitBackbone).__init__).parameters
+    parameters = inspect.signature(_backbone_class(model).__init__).parameters
     values = {name: parameters[name].default for name in backbone_arguments(model)
               if parameters[name].default is not inspect.Parameter.empty}
     return {**values, **presets(model).get(preset, {}).get("backbone", {})}

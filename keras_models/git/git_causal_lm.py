@@ -88,9 +88,10 @@ class SparseCrossentropyWithLabelSmoothing(keras.losses.Loss):
 class GitCaptioner(ImageCaptioner):
     """GIT as a captioner: `GitBackbone` + untied `Linear(hidden_dim, vocab)` head on the text positions.
 
-    The decoding cache holds, per layer, `(image_keys, image_values, text_keys, text_values)`:
-    the image ones `[B, N, num_heads, head_dim]` computed once in `_build_cache` and never
-    copied again (never repeated per beam either), the text ones `[B, T, num_heads, head_dim]`
+    The decoding cache holds, per layer, `(image_keys, image_values, text_keys, text_values)`, heads first
+    in the layouts the attention products read (keys `[B, num_heads, head_dim, length]`, values
+    `[B, num_heads, length, head_dim]`, see `_heads_first`): the image ones (length N) computed once in
+    `_build_cache` and never copied again (never repeated per beam either), the text ones (length T)
     written one position per step; with a concept head, the concept logits `[B, vocab]` follow.
     """
 
@@ -186,35 +187,35 @@ class GitCaptioner(ImageCaptioner):
         The parts are attended to as one sequence (one softmax), so the image keys/values stay
         where they are instead of being copied next to the text ones at every step. A `grouped`
         part holds one row per image while `x` holds one per beam (an image's beams are adjacent).
+        Keys and values are heads first (`_heads_first`), so the products read them as they are.
         """
         attention = layer._self_attention_layer
         query = self._project(attention._query_dense, x) * ops.cast(attention._inverse_sqrt_key_dim, x.dtype)
-        rows, length = ops.shape(query)[0], ops.shape(query)[1]
-        heads, head_dim = query.shape[2], query.shape[3]
+        rows, length, heads = ops.shape(query)[0], ops.shape(query)[1], query.shape[2]
+        query = ops.transpose(query, (0, 2, 1, 3))  # [rows, H, T, head_dim]
 
-        def per_image(t, keys):  # [rows, T, H, *] -> [images, rows / images * T, H, *]
-            return ops.reshape(t, (ops.shape(keys)[0], -1, heads, t.shape[-1]))
+        def per_image(t, keys):  # [rows, H, T, *] -> [images, H, rows / images * T, *]
+            t = ops.reshape(t, (ops.shape(keys)[0], -1, heads, length, t.shape[-1]))
+            return ops.reshape(ops.transpose(t, (0, 2, 1, 3, 4)), (ops.shape(keys)[0], heads, -1, t.shape[-1]))
+
+        def per_row(t):  # [images, H, rows / images * T, *] -> [rows, H, T, *]
+            t = ops.reshape(t, (ops.shape(t)[0], heads, -1, length, t.shape[-1]))
+            return ops.reshape(ops.transpose(t, (0, 2, 1, 3, 4)), (rows, heads, length, t.shape[-1]))
 
         scores = []
-        for keys, _, mask, grouped in parts:
-            if grouped:  # [images, beams * T, H, K] -> [rows, H, T, K]
-                score = ops.einsum("bqhd,bkhd->bqhk", per_image(query, keys), keys)
-                score = ops.transpose(ops.reshape(score, (rows, length, heads, ops.shape(keys)[1])), (0, 2, 1, 3))
-            else:
-                score = ops.einsum("bqhd,bkhd->bhqk", query, keys)
+        for keys, _, mask, grouped in parts:  # [rows, H, T, head_dim] @ [rows, H, head_dim, K]
+            score = per_row(ops.matmul(per_image(query, keys), keys)) if grouped else ops.matmul(query, keys)
             score = ops.cast(score, "float32")
             scores.append(score if mask is None else ops.where(mask[:, None, :, :], score, -1e9))
         probs = ops.cast(ops.softmax(ops.concatenate(scores, axis=-1), axis=-1), x.dtype)
         context, start = 0, 0
-        for (keys, values, _, grouped), score in zip(parts, scores):
+        for (keys, values, _, grouped), score in zip(parts, scores):  # [rows, H, T, K] @ [rows, H, K, head_dim]
             end = start + ops.shape(score)[-1]
             part = probs[..., start:end]
-            if grouped:
-                part = ops.einsum("bqhk,bkhd->bqhd", per_image(ops.transpose(part, (0, 2, 1, 3)), keys), values)
-                context = context + ops.reshape(part, (rows, length, heads, head_dim))
-            else:
-                context = context + ops.einsum("bhqk,bkhd->bqhd", part, values)
+            context = context + (per_row(ops.matmul(per_image(part, keys), values)) if grouped
+                                 else ops.matmul(part, values))
             start = end
+        context = ops.transpose(context, (0, 2, 1, 3))  # [rows, T, H, head_dim]
         x = layer._self_attention_layer_norm(x + self._project(attention._output_dense, context))
         intermediate = self._project(layer._feedforward_intermediate_dense, x)
         feedforward = self._project(layer._feedforward_output_dense, intermediate)
@@ -235,8 +236,9 @@ class GitCaptioner(ImageCaptioner):
         cache = []
         for layer in backbone.transformer_layers:
             attention = layer._self_attention_layer
-            image_kv = (attention._key_dense(image), attention._value_dense(image))
-            text_kv = (self._project(attention._key_dense, text), self._project(attention._value_dense, text))
+            image_kv = _heads_first(attention._key_dense(image), attention._value_dense(image))
+            text_kv = _heads_first(self._project(attention._key_dense, text),
+                                   self._project(attention._value_dense, text))
             text = self._layer(layer, text, [(*image_kv, None, False), (*text_kv, text_mask, False)])
             image = self._layer(layer, image, [(*image_kv, None, False)])
             cache.append((*image_kv, *text_kv))
@@ -253,19 +255,28 @@ class GitCaptioner(ImageCaptioner):
         batch_size, query_length = ops.shape(token_ids)[0], ops.shape(token_ids)[1]
         queries = ops.arange(query_length)[:, None] + cache_update_index
         cache, per_image = self._split_cache(cache)
-        keys = ops.arange(ops.shape(cache[0][2])[1])[None, :]
+        keys = ops.arange(ops.shape(cache[0][2])[-1])[None, :]
         mask = ops.broadcast_to(ops.less_equal(keys, queries)[None], (batch_size, query_length, ops.shape(keys)[1]))
         x = backbone.embed_text(token_ids, start_index=cache_update_index)  # text positions count text only
-        start = [0, cache_update_index, 0, 0]
         new_cache = []
         for layer, (image_keys, image_values, text_keys, text_values) in zip(backbone.transformer_layers, cache):
             attention = layer._self_attention_layer
-            text_keys = ops.slice_update(text_keys, start, self._project(attention._key_dense, x))
-            text_values = ops.slice_update(text_values, start, self._project(attention._value_dense, x))
+            keys, values = _heads_first(self._project(attention._key_dense, x), self._project(attention._value_dense, x))
+            text_keys = ops.slice_update(text_keys, [0, 0, 0, cache_update_index], keys)
+            text_values = ops.slice_update(text_values, [0, 0, cache_update_index, 0], values)
             parts = [(image_keys, image_values, None, True), (text_keys, text_values, mask, False)]
             x = self._layer(layer, x, parts)
             new_cache.append((image_keys, image_values, text_keys, text_values))
         return self.next_token_logits(x, *per_image), x, tuple(new_cache) + per_image
+
+
+def _heads_first(keys, values):
+    """Keys `[B, L, H, head_dim]` as `[B, H, head_dim, L]`, values as `[B, H, L, head_dim]`.
+
+    The layouts the decoding step's attention products read as they are: cached so, the image
+    keys/values are not transposed again at every step (XLA did that at batch 8, ~10% of the time).
+    """
+    return ops.transpose(keys, (0, 2, 3, 1)), ops.transpose(values, (0, 2, 1, 3))
 
 
 def build_git_captioner(preset: str, tokenizer, sequence_length: int | None = None, **overrides) -> GitCaptioner:

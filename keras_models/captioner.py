@@ -24,6 +24,8 @@ import keras_hub
 import numpy as np
 from keras import ops
 
+from keras_models.beam_search import BeamSampler
+
 SAMPLERS = ("greedy", "beam", "top_k", "top_p", "random")
 
 
@@ -34,7 +36,7 @@ def get_sampler(sampler="greedy", num_beams: int = 3, k: int = 5, p: float = 0.9
     if sampler == "greedy":
         return keras_hub.samplers.GreedySampler()
     if sampler == "beam":
-        return keras_hub.samplers.BeamSampler(num_beams=num_beams)
+        return BeamSampler(num_beams=num_beams)  # keras-hub's search, reordering whole rows
     if sampler == "top_k":
         return keras_hub.samplers.TopKSampler(k=k, seed=seed)
     if sampler == "top_p":

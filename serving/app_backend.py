@@ -416,12 +416,12 @@ def beam_candidates(model, pixels: np.ndarray, num_beams: int, max_length: int |
     Runs the captioner's own `generate_step` with a BeamSampler that keeps all beams; each beam
     is scored as `generate()` scores captions (mean log-probability per generated token).
     """
-    import keras_hub
     from keras import ops
 
+    from keras_models.beam_search import BeamSampler
     from keras_models.captioner import as_text, generated_mask
 
-    class KeepAllBeams(keras_hub.samplers.BeamSampler):
+    class KeepAllBeams(BeamSampler):
         """Beam search that remembers every beam (best first) and returns the best, as generate_step expects."""
 
         def __call__(self, *args, **kwargs):

@@ -15,7 +15,9 @@ class BeamSampler(keras_hub.samplers.BeamSampler):
     After each step keras-hub reorders the prompt and every cache tensor with `take_along_axis`, which
     TensorFlow runs as an element-by-element gather between two transposes; here one `take` of whole
     rows does it. For GIT's cached keys/values that was about a quarter of a 3-beam caption's time
-    (benchmarks/generation.py). The prompt's rows are an image's beams side by side, as in keras-hub.
+    (benchmarks/generation.py). Candidates are scored with `log_softmax` rather than the log of
+    `compute_probabilities` (one exponential per logit instead of an exponential and a logarithm;
+    equal within float rounding). The prompt's rows are an image's beams side by side, as in keras-hub.
     """
 
     def __call__(self, next, prompt, cache=None, index=0, mask=None, stop_token_ids=None,
@@ -39,7 +41,7 @@ class BeamSampler(keras_hub.samplers.BeamSampler):
         def body(prompt, cache, index, mask, log_probs):
             logits, _, cache = next(prompt, cache, index)
             vocab_size = ops.shape(logits)[-1]
-            candidates = ops.log(self.compute_probabilities(logits)) + log_probs[:, None]
+            candidates = ops.log_softmax(ops.cast(logits, "float32") / self.temperature) + log_probs[:, None]
             best, chosen = ops.top_k(ops.reshape(candidates, (-1, beams * vocab_size)), k=beams, sorted=False)
             # The row each survivor extends: its image's first row plus the beam it came from.
             rows = ops.reshape(chosen // vocab_size + ops.arange(ops.shape(chosen)[0])[:, None] * beams, (-1,))

@@ -199,6 +199,30 @@ def test_one_row_projections_fold_their_bias_and_match_the_layer(checkpoint_a):
     assert not _one_static_row(keras.ops.ones((2, 1, 4)))
 
 
+def test_projections_that_cannot_fold_their_bias_are_called_as_they_are():
+    def dense(**kwargs):
+        layer = keras.layers.Dense(6, **kwargs)
+        layer.build((None, 4))
+        return layer
+
+    assert _contracted_axes(dense()) == 1
+    assert _contracted_axes(dense(use_bias=False)) == 0
+    assert _contracted_axes(dense(dtype="mixed_bfloat16")) == 0  # computes in bfloat16: folding would change it
+    lora = dense()
+    lora.enable_lora(2)
+    assert _contracted_axes(lora) == 0  # left to the layer (its product adds the low-rank one)
+    quantized = dense()
+    quantized.quantize("int8")
+    assert _contracted_axes(quantized) == 0
+    einsum = keras.layers.EinsumDense("bqd,hd->bqh", output_shape=(None, 6), bias_axes="h")
+    einsum.build((None, 1, 4))
+    assert _contracted_axes(einsum) == 0  # contracts the kernel's last axis, not its first
+    x = np.ones((1, 1, 4), "float32")
+    for layer in (lora, quantized, einsum):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(project(layer, x)),
+                                   keras.ops.convert_to_numpy(layer(x)), atol=1e-6)
+
+
 def test_converter_rejects_mismatched_checkpoints(checkpoint_a):
     _, folder, model = checkpoint_a
     state = load_state_dict(folder)

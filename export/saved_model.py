@@ -6,8 +6,8 @@ Signatures (inputs `images`: string [batch], dynamic batch):
 - `beam_search`: the same with beam search (`num_beams` fixed at export time).
 
 Inside the graph are the very functions training used: `pipelines.images.preprocess_images`
-for pixels, the model's `generate_step` with a keras-hub sampler, and the model's
-WordPiece tokenizer (TensorFlow Text ops) for detokenization. Nothing else.
+for pixels, the model's `generate_step` with a keras-hub sampler (for beam search our subclass,
+`keras_models.beam_search`), and the model's WordPiece tokenizer (TensorFlow Text ops) for detokenization. Nothing else.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import keras
 import keras_hub
 import tensorflow as tf
 
+from keras_models.beam_search import BeamSampler
 from keras_models.captioner import ImageCaptioner
 from pipelines.images import MAX_PIXELS, preprocess_images
 
@@ -71,7 +72,7 @@ def build_archive(model, max_length: int | None = None, num_beams: int = 3, max_
     signature = [tf.TensorSpec([None], tf.string, name=INPUT_NAME)]
     endpoints = {
         "serving_default": keras_hub.samplers.GreedySampler(),
-        "beam_search": keras_hub.samplers.BeamSampler(num_beams=num_beams),
+        "beam_search": BeamSampler(num_beams=num_beams),  # keras-hub's search, reordering whole rows
     }
     for name, sampler in endpoints.items():
         archive.add_endpoint(name, _caption_fn(model, sampler, max_length, max_pixels), input_signature=signature)

@@ -359,6 +359,25 @@ def test_scores_from_the_cache_match_a_full_teacher_forced_pass(tokenizer, sampl
     assert cached.min() < -1e-3  # real log-probabilities, not zeros
 
 
+def test_one_image_row_serves_its_beams(tokenizer):
+    """Beam search keeps one row of image keys/values per image and one row of text per beam (image i's
+    beams are rows i * beams ...): the step must give the logits it gives with the image rows repeated."""
+    keras.utils.set_random_seed(0)
+    model = build_git_captioner("tiny", tokenizer, dropout=0.0)
+    images, beams = tiny_data(2, seed=2)["images"], 3
+    prompt = model.preprocessor.generate_preprocess({"images": images}, sequence_length=8)
+    _, cache = model._build_cache(keras.ops.convert_to_tensor(images), prompt["token_ids"], prompt["padding_mask"])
+    layers, rest = model._split_cache(cache)
+    text = [tuple(keras.ops.repeat(t, beams, axis=0) for t in layer[2:]) for layer in layers]
+    ids = keras.ops.convert_to_tensor(np.array([[6], [7], [8]] * 2, "int32"))  # a different token per beam
+    grouped = [(*layer[:2], *t) for layer, t in zip(layers, text)]
+    repeated = [(*(keras.ops.repeat(k, beams, axis=0) for k in layer[:2]), *t) for layer, t in zip(layers, text)]
+    extra = tuple(keras.ops.repeat(r, beams, axis=0) for r in rest)  # the concept logits: one row per beam
+    logits = [keras.ops.convert_to_numpy(model.call_with_cache(ids, tuple(c) + extra, 1)[0]) for c in (grouped, repeated)]
+    np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
+    assert np.abs(logits[1][:beams] - logits[1][beams:]).max() > 1e-4  # the two images' rows differ
+
+
 TORCH_SCRIPT = textwrap.dedent(
     """
     import sys, numpy as np, keras

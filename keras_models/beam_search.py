@@ -10,14 +10,16 @@ from keras_hub.src.utils.tensor_utils import any_equal
 
 @keras.saving.register_keras_serializable(package="medcap")
 class BeamSampler(keras_hub.samplers.BeamSampler):
-    """keras-hub's `BeamSampler`: the same search and the same tokens, faster on TensorFlow.
+    """keras-hub's `BeamSampler`: the same search, faster on TensorFlow.
 
     After each step keras-hub reorders the prompt and every cache tensor with `take_along_axis`, which
     TensorFlow runs as an element-by-element gather between two transposes; here one `take` of whole
-    rows does it. For GIT's cached keys/values that was about a quarter of a 3-beam caption's time
-    (benchmarks/generation.py). Candidates are scored with `log_softmax` rather than the log of
-    `compute_probabilities` (one exponential per logit instead of an exponential and a logarithm;
-    equal within float rounding). The prompt's rows are an image's beams side by side, as in keras-hub.
+    rows does it. For GIT's cached keys/values that was about a sixth of a 3-beam caption's time
+    (42 ms of 0.24 s, small shape, benchmarks/README.md). Candidates are scored with `log_softmax` rather
+    than the log of `compute_probabilities` (one exponential per logit instead of an exponential and a
+    logarithm): equal within float rounding, except where keras-hub's probabilities underflow to 0 (its
+    log is then -inf and ties among such candidates are broken by position; here they keep their order
+    by value). The prompt's rows are an image's beams side by side, as in keras-hub.
     """
 
     def __call__(self, next, prompt, cache=None, index=0, mask=None, stop_token_ids=None,

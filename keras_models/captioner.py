@@ -62,6 +62,7 @@ class ImageCaptioner(keras_hub.models.CausalLM):
                 keras.metrics.SparseCategoricalAccuracy(name="token_accuracy"),
                 keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="caption_loss"),
             ]
+        sampler = BeamSampler() if sampler == "beam" else sampler  # ours (beam_search.py), keras-hub's default width
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
 
     def get_compile_config(self) -> dict:

@@ -28,20 +28,26 @@ def toy_next():
 
 
 def search(sampler, prompt, mask, stop=None):
-    cache = (ops.zeros((prompt.shape[0],), "int32"),)
+    cache = (ops.zeros_like(prompt[:, 0]),)
     return sampler(toy_next(), ops.convert_to_tensor(prompt), cache=cache, index=1,
                    mask=ops.convert_to_tensor(mask), stop_token_ids=stop)
 
 
-@pytest.mark.parametrize("return_all_beams", [False, True])
-@pytest.mark.parametrize("stop", [None, (3,)])
-def test_same_beams_and_scores_as_keras_hub(return_all_beams, stop):
+def prompts():
     prompt = np.zeros((3, LENGTH), "int32")
     prompt[:, 0] = [1, 2, 5]
     prompt[1, 1:3] = [7, 4]  # a longer prompt: its tokens are kept, not sampled
+    return prompt
+
+
+@pytest.mark.parametrize("return_all_beams", [False, True])
+@pytest.mark.parametrize("stop,temperature", [(None, 1.0), ((3,), 1.0), ((3,), 0.7)])
+def test_same_beams_and_scores_as_keras_hub(return_all_beams, stop, temperature):
+    prompt = prompts()
     mask = prompt > 0
-    ours = search(BeamSampler(num_beams=3, return_all_beams=return_all_beams), prompt, mask, stop)
-    theirs = search(keras_hub.samplers.BeamSampler(num_beams=3, return_all_beams=return_all_beams), prompt, mask, stop)
+    settings = dict(num_beams=3, return_all_beams=return_all_beams, temperature=temperature)
+    ours = search(BeamSampler(**settings), prompt, mask, stop)
+    theirs = search(keras_hub.samplers.BeamSampler(**settings), prompt, mask, stop)
     for a, b in zip(keras.tree.flatten(ours), keras.tree.flatten(theirs)):
         np.testing.assert_allclose(ops.convert_to_numpy(a), ops.convert_to_numpy(b), rtol=1e-6)
     ids = ops.convert_to_numpy(keras.tree.flatten(ours)[0])
@@ -52,16 +58,17 @@ def test_same_beams_and_scores_as_keras_hub(return_all_beams, stop):
         assert (np.diff(scores, axis=1) <= 0).all() and len({tuple(b) for b in ids[0]}) == 3
 
 
-@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="XLA-compiled loop: TensorFlow")
-def test_same_beams_compiled_with_xla():
+@pytest.mark.skipif(keras.config.backend() != "tensorflow", reason="compiled graphs: TensorFlow")
+@pytest.mark.parametrize("jit_compile,batch", [(True, 3), (False, None)])  # None: the SavedModel's dynamic batch
+def test_same_beams_compiled(jit_compile, batch):
     import tensorflow as tf
 
-    prompt = np.zeros((2, LENGTH), "int32")
-    prompt[:, 0] = [1, 2]
-    run = {name: tf.function(lambda p, s=sampler: search(s, p, p > 0), jit_compile=True)
+    spec = [tf.TensorSpec([batch, LENGTH], tf.int32)]
+    run = {name: tf.function(lambda p, s=sampler: search(s, p, p > 0, (3,)), input_signature=spec,
+                             jit_compile=jit_compile)
            for name, sampler in [("ours", BeamSampler(num_beams=4)),
                                  ("keras_hub", keras_hub.samplers.BeamSampler(num_beams=4))]}
-    np.testing.assert_array_equal(run["ours"](prompt).numpy(), run["keras_hub"](prompt).numpy())
+    np.testing.assert_array_equal(run["ours"](prompts()).numpy(), run["keras_hub"](prompts()).numpy())
 
 
 def test_serializable_and_picked_by_name():
@@ -71,3 +78,12 @@ def test_serializable_and_picked_by_name():
     assert isinstance(sampler, BeamSampler) and sampler.num_beams == 5
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(sampler))
     assert type(restored) is BeamSampler and restored.num_beams == 5
+
+
+def test_compile_with_beam_by_name_uses_ours():
+    from keras_models.git import build_git_captioner
+    from pipelines.text import SPECIAL_TOKENS, make_tokenizer
+
+    model = build_git_captioner("tiny", make_tokenizer(SPECIAL_TOKENS + ["w"]))
+    model.compile(sampler="beam")
+    assert type(model.sampler) is BeamSampler and model.sampler.num_beams == 5  # keras-hub's default width

@@ -274,7 +274,7 @@ def _heads_first(keys, values):
     """Keys `[B, L, H, head_dim]` as `[B, H, head_dim, L]`, values as `[B, H, L, head_dim]`.
 
     The layouts the decoding step's attention products read as they are: cached so, the image
-    keys/values are not transposed again at every step (XLA did that at batch 8, ~10% of the time).
+    keys/values are not transposed again at every step (XLA did that at batch 8: 103 ms of a 0.61 s call, small shape).
     """
     return ops.transpose(keys, (0, 2, 3, 1)), ops.transpose(values, (0, 2, 1, 3))
 

@@ -54,7 +54,8 @@ class BeamSampler(keras_hub.samplers.BeamSampler):
             prompt = ops.slice_update(prompt, [0, index], token[:, None])
             return prompt, cache, index + 1, mask, ops.reshape(best, ops.shape(log_probs))
 
-        prompt, _, _, _, log_probs = self.run_loop(cond=cond, body=body, loop_vars=(prompt, cache, index, mask, log_probs),
+        loop_vars = (prompt, cache, index, mask, log_probs)
+        prompt, _, _, _, log_probs = self.run_loop(cond=cond, body=body, loop_vars=loop_vars,
                                                    maximum_iterations=max_length - index, model=model)
         prompts = ops.reshape(prompt, (-1, beams, max_length))
         log_probs = ops.reshape(log_probs, (-1, beams))

@@ -20,9 +20,9 @@ def project(layer, x):
     3-D einsums into plain loops and fused each product with the bias add after it into a slower loop; as
     2-D products with their biases folded, git-base's 32 greedy tokens took 0.64 s against 0.97 s, the small
     shape's 0.13 s against 0.23 s (benchmarks/generation.py). XLA hoists the folded kernels out of the decoding
-    loop (seen in the small shape's optimised HLO), so they are built once a call. Layers that cannot be folded (no bias, an einsum that is not a product over the input's
-    last axes, mixed precision, LoRA, quantized), several rows, a dynamic batch (the SavedModel's) and the
-    other backends call the layer as it is.
+    loop (seen in the small shape's optimised HLO), so they are built once a call. Layers that cannot be
+    folded (no bias, an einsum that is not a product over the input's last axes, mixed precision, LoRA,
+    quantized), several rows, a dynamic batch (the SavedModel's) and the other backends call the layer as it is.
     """
     contracted = _contracted_axes(layer)
     if not (contracted and _one_static_row(x, contracted)):
@@ -261,7 +261,8 @@ class GitCaptioner(ImageCaptioner):
         new_cache = []
         for layer, (image_keys, image_values, text_keys, text_values) in zip(backbone.transformer_layers, cache):
             attention = layer._self_attention_layer
-            keys, values = _heads_first(self._project(attention._key_dense, x), self._project(attention._value_dense, x))
+            keys, values = _heads_first(self._project(attention._key_dense, x),
+                                        self._project(attention._value_dense, x))
             text_keys = ops.slice_update(text_keys, [0, 0, 0, cache_update_index], keys)
             text_values = ops.slice_update(text_values, [0, 0, cache_update_index, 0], values)
             parts = [(image_keys, image_values, None, True), (text_keys, text_values, mask, False)]
@@ -273,8 +274,8 @@ class GitCaptioner(ImageCaptioner):
 def _heads_first(keys, values):
     """Keys `[B, L, H, head_dim]` as `[B, H, head_dim, L]`, values as `[B, H, L, head_dim]`.
 
-    The layouts the decoding step's attention products read as they are: cached so, the image
-    keys/values are not transposed again at every step (XLA did that at batch 8: 103 ms of a 0.61 s call, small shape).
+    The layouts the decoding step's attention products read as they are: cached so, the image keys/values
+    are not transposed again at every step (XLA did that at batch 8: 102 ms of a 0.61 s call, small shape).
     """
     return ops.transpose(keys, (0, 2, 3, 1)), ops.transpose(values, (0, 2, 1, 3))
 

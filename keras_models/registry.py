@@ -32,9 +32,10 @@ def _backbone_class(model: str) -> type:
 def backbone_arguments(model: str) -> list[str]:
     """The backbone settings a preset (or `build_captioner`'s overrides) may set for family `model`.
 
-    The vocabulary size, image size and channels are not among them: the tokenizer and `image_config` give those.
+    The vocabulary size, image size and channels are not among them: the tokenizer and `image_config` give those;
+    nor is `image_stem_frozen`, which `--freeze-stem` sets after concept pretraining.
     """
-    given = {"self", "vocabulary_size", "image_size", "channels", "num_channels", "dtype"}
+    given = {"self", "vocabulary_size", "image_size", "channels", "num_channels", "image_stem_frozen", "dtype"}
     return [name for name, parameter in inspect.signature(_backbone_class(model).__init__).parameters.items()
             if name not in given and parameter.kind is parameter.POSITIONAL_OR_KEYWORD]
 

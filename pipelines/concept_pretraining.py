@@ -26,19 +26,6 @@ PRETRAINED_WEIGHTS = "concepts_pretrained.weights.h5"
 VALIDATION_IMAGES = 256  # enough to see the word loss turn; the full synthetic valid split would add ~30 s a run
 
 
-def freeze_image_stem(model) -> list[str]:
-    """Freeze the early image layers that concept pretraining trained (`backbone.image_stem_layers()`).
-
-    The captioner then trains the rest: its steps skip the stem's backward pass, the costliest part of the
-    image encoder's (CNN-GRU small: 1.2x the steps per second), and its batch norm keeps the pretrained
-    statistics. Returns the frozen layers' names ([] where the backbone has no such stem).
-    """
-    layers = model.backbone.image_stem_layers()
-    for layer in layers:
-        layer.trainable = False
-    return [layer.name for layer in layers]
-
-
 def _epochs_logged(out_dir: Path) -> int:
     """Pretraining epochs that `concept_history.csv` records (one row each after the header)."""
     log = out_dir / "concept_history.csv"

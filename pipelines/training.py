@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from keras_models.registry import MODELS, build_captioner, presets
 from keras_models.schedules import WarmupCosine
-from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, VALIDATION_IMAGES, freeze_image_stem, pretrain_concepts
+from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, VALIDATION_IMAGES, pretrain_concepts
 from pipelines.dataset import EpochOrder, epoch_variable, make_dataset
 from pipelines.distributed import (
     ResumeFromChief,
@@ -294,7 +294,7 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
                                             concept_epochs, concept_schedule, out_dir, data_epoch, strategy,
                                             callbacks=[concept_budget])
             if freeze_stem:  # also on resume, so that the captioner's optimizer matches its backup
-                frozen = freeze_image_stem(model)
+                frozen = model.backbone.freeze_image_stem()
                 print(f"[{name}] image stem frozen for the captioner's epochs: {', '.join(frozen) or 'none in this encoder'}")
         history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
     seconds = time.perf_counter() - start

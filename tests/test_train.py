@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import keras
@@ -14,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 from keras_models.registry import build_captioner, presets
-from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, freeze_image_stem, pretrain_concepts
+from pipelines.concept_pretraining import PRETRAINED_WEIGHTS, pretrain_concepts
 from pipelines.dataset import epoch_variable
 from pipelines.text import build_vocabulary, make_tokenizer
 from pipelines.train import parse_args
@@ -247,7 +248,7 @@ def test_a_frozen_image_stem_keeps_its_weights_and_statistics_while_the_rest_tra
     tokenizer = make_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + " ".join(captions).split())
     keras.utils.set_random_seed(0)
     model = build_captioner("cnn_gru", "tiny", tokenizer, concept_loss_weight=1.0)  # compact CNN, filters 8, 16
-    assert freeze_image_stem(model) == [f"block{b}_conv{i}{part}" for b in (1, 2) for i in (1, 2)
+    assert model.backbone.freeze_image_stem() == [f"block{b}_conv{i}{part}" for b in (1, 2) for i in (1, 2)
                                         for part in ("", "_bn", "_relu")]
     stem = [w for layer in model.backbone.image_stem_layers() for w in layer.weights]  # BN moving statistics too
     later = model.backbone.image_encoder.projection.weights  # above the CNN: keeps training
@@ -258,6 +259,28 @@ def test_a_frozen_image_stem_keeps_its_weights_and_statistics_while_the_rest_tra
     for w, before in zip(stem, stem_before):
         np.testing.assert_array_equal(w.numpy(), before, err_msg=w.path)
     assert all(not np.allclose(w.numpy(), b) for w, b in zip(later, later_before))  # kernel, gamma, beta, mean, var
+
+
+@pytest.mark.parametrize("name, options", [("cnn_gru", {}), ("git", {"vision_stem": "conv"})])
+def test_a_frozen_stem_stays_frozen_in_the_keras_file_and_its_optimizer_reloads(tmp_path, name, options):
+    captions = ["ct chest left nodule", "mri brain right mass"]
+    tokenizer = make_tokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + " ".join(captions).split())
+    keras.utils.set_random_seed(0)
+    model = build_captioner(name, "tiny", tokenizer, concept_loss_weight=1.0, **options)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    frozen = model.backbone.freeze_image_stem()
+    images = np.random.RandomState(0).uniform(-1, 1, (2, 32, 32, 1)).astype("float32")
+    model.fit(tf.data.Dataset.from_tensor_slices({"images": images, "captions": captions}).batch(2), verbose=0)
+    model.save(tmp_path / "model.keras")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reloaded = keras.saving.load_model(tmp_path / "model.keras")
+    assert not [str(w.message) for w in caught if "optimizer" in str(w.message)]
+    assert reloaded.backbone.image_stem_frozen and frozen
+    assert not any(layer.trainable for layer in reloaded.backbone.image_stem_layers())
+    assert len(reloaded.trainable_weights) == len(model.trainable_weights) < len(model.weights)
+    for a, b in zip(model.optimizer.variables, reloaded.optimizer.variables):  # the moments came back too
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
 def test_only_the_conv_stems_of_our_presets_freeze():

@@ -8,10 +8,11 @@ import keras_hub
 from keras_models.cnn_gru.attention_decoder import AttentionGRUDecoder
 from keras_models.concepts import ConceptHead, check_concept_options
 from keras_models.cnn_gru.encoders import ImageEncoder
+from keras_models.image_stem import FreezableImageStem
 
 
 @keras.saving.register_keras_serializable(package="medcap")
-class CNNGRUBackbone(keras_hub.models.Backbone):
+class CNNGRUBackbone(FreezableImageStem, keras_hub.models.Backbone):
     """`{"images", "token_ids", "padding_mask"}` -> deep-output features [B, T, embedding_dim].
 
     Layers: `image_encoder` (CNN feature map [B, h*w, feature_dim]), `token_embedding`
@@ -21,6 +22,7 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
     `concept_loss_weight` > 0 adds a `concept_head` (`keras_models.concepts`) that the decoder reads;
     `concept_word_bias` also adds its gated word bias to the next-token logits (`next_token_logits`);
     `concept_quadrants` lets the head also pool each quadrant of the feature map (where and how large).
+    `image_stem_frozen` freezes the compact CNN (`FreezableImageStem`; set by `freeze_image_stem()`).
     Outputs `{"sequence_output": [B, T, embedding_dim]}`, plus `"concept_logits"` `[B, vocab]` with a concept head.
     """
 
@@ -41,6 +43,7 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         concept_loss_weight: float = 0.0,
         concept_word_bias: bool = False,
         concept_quadrants: bool = False,
+        image_stem_frozen: bool = False,
         dtype=None,
         **kwargs,
     ):
@@ -95,6 +98,8 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
         self.hidden_dim, self.attention_dim, self.dropout = hidden_dim, attention_dim, dropout
         self.concept_loss_weight, self.concept_word_bias = concept_loss_weight, concept_word_bias
         self.concept_quadrants = concept_quadrants
+        if image_stem_frozen:
+            self.freeze_image_stem()
 
     def concept_features(self, images):
         """What the concept head reads: the image encoder's feature map `[B, h*w, feature_dim]`."""
@@ -147,5 +152,6 @@ class CNNGRUBackbone(keras_hub.models.Backbone):
             concept_loss_weight=self.concept_loss_weight,
             concept_word_bias=self.concept_word_bias,
             concept_quadrants=self.concept_quadrants,
+            image_stem_frozen=self.image_stem_frozen,
         )
         return config

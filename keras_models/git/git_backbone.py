@@ -8,6 +8,7 @@ from keras import ops
 
 from keras_models.concepts import ConceptHead, check_concept_options
 from keras_models.git.git_vision_encoder import GitVisionEncoder, get_activation
+from keras_models.image_stem import FreezableImageStem
 
 
 def _init():
@@ -40,7 +41,7 @@ class GitAttentionMask(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="medcap")
-class GitBackbone(keras_hub.models.Backbone):
+class GitBackbone(FreezableImageStem, keras_hub.models.Backbone):
     """GIT (Generative Image-to-text Transformer) without its LM head.
 
     ViT tokens -> Linear + LayerNorm projection; text -> word + learned position
@@ -59,6 +60,7 @@ class GitBackbone(keras_hub.models.Backbone):
     trained to predict the caption's words; checkpoints have none, so imported models match GIT exactly.
     `concept_word_bias` also adds the head's gated word bias to the next-token logits (`GitCaptioner`);
     `concept_quadrants` lets the head also pool each quadrant of the image-token grid.
+    `image_stem_frozen` freezes the conv stem (`FreezableImageStem`; set by `freeze_image_stem()`).
     """
 
     def __init__(
@@ -86,6 +88,7 @@ class GitBackbone(keras_hub.models.Backbone):
         concept_loss_weight: float = 0.0,
         concept_word_bias: bool = False,
         concept_quadrants: bool = False,
+        image_stem_frozen: bool = False,
         dtype=None,
         **kwargs,
     ):
@@ -185,6 +188,8 @@ class GitBackbone(keras_hub.models.Backbone):
         self.vision_stem, self.vision_stem_extra_convs = vision_stem, vision_stem_extra_convs
         self.concept_loss_weight, self.concept_word_bias = concept_loss_weight, concept_word_bias
         self.concept_quadrants = concept_quadrants
+        if image_stem_frozen:
+            self.freeze_image_stem()
 
     def encode_images(self, images, token_ids=None, padding_mask=None, return_concept_logits=False):
         """Images `[B, H, W, C]` -> projected image tokens `[B, N, hidden_dim]` (the concept token last).
@@ -247,5 +252,6 @@ class GitBackbone(keras_hub.models.Backbone):
             concept_loss_weight=self.concept_loss_weight,
             concept_word_bias=self.concept_word_bias,
             concept_quadrants=self.concept_quadrants,
+            image_stem_frozen=self.image_stem_frozen,
         )
         return config

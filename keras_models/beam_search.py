@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import keras_hub
 from keras import ops, tree
-from keras_hub.src.utils.tensor_utils import any_equal
 
 
 @keras.saving.register_keras_serializable(package="medcap")
@@ -37,7 +38,8 @@ class BeamSampler(keras_hub.samplers.BeamSampler):
         def cond(prompt, cache, index, mask, log_probs):
             if stop_token_ids is None:
                 return ops.convert_to_tensor(True, dtype="bool")
-            ended = ops.any(any_equal(prompt, stop_token_ids, ~mask), axis=-1)
+            stopped = [ops.equal(prompt, token) for token in stop_token_ids]  # keras-hub's any_equal, not public
+            ended = ops.any(ops.logical_and(functools.reduce(ops.logical_or, stopped), ~mask), axis=-1)
             return ops.logical_not(ops.all(ended))
 
         def body(prompt, cache, index, mask, log_probs):

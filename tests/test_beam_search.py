@@ -87,3 +87,27 @@ def test_compile_with_beam_by_name_uses_ours():
     model = build_git_captioner("tiny", make_tokenizer(SPECIAL_TOKENS + ["w"]))
     model.compile(sampler="beam")
     assert type(model.sampler) is BeamSampler and model.sampler.num_beams == 5  # keras-hub's default width
+
+
+def test_the_search_stops_once_every_beam_has_ended():
+    """Every row's best token is the stop token: the loop ends once each beam has it (eagerly: steps counted).
+
+    At the first step only an image's first beam is live, so its second beam takes the runner-up token and
+    picks the stop token one step later.
+    """
+    steps = []
+
+    def next(prompt, cache, index):
+        steps.append(int(index))
+        logits = ops.one_hot(ops.full((ops.shape(prompt)[0],), 3), VOCAB) * 10.0  # token 3 far ahead
+        return logits, None, cache
+
+    prompt = np.zeros((2, LENGTH), "int32")
+    prompt[:, 0] = 1
+    BeamSampler(num_beams=2)(next, ops.convert_to_tensor(prompt), cache=(ops.zeros((2,)),), index=1,
+                             mask=ops.convert_to_tensor(prompt > 0), stop_token_ids=(3,))
+    assert steps == [1, 2]
+    steps.clear()
+    BeamSampler(num_beams=2)(next, ops.convert_to_tensor(prompt), cache=(ops.zeros((2,)),), index=1,
+                             mask=ops.convert_to_tensor(prompt > 0), stop_token_ids=(4,))
+    assert steps == list(range(1, LENGTH))  # never stopped: every position filled

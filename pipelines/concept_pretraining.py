@@ -69,6 +69,7 @@ def pretrain_concepts(model, train_ds: tf.data.Dataset, valid_ds: tf.data.Datase
         validation_data=inputs(valid_ds),
         epochs=epochs,
         verbose=2,
+        shuffle=False,  # the dataset shuffles itself; Keras would warn that it ignores shuffle=True
         callbacks=[
             keras.callbacks.BackupAndRestore(str(out_dir / "backup_concepts")),
             keras.callbacks.CSVLogger(str(out_dir / "concept_history.csv"), append=True),

@@ -296,7 +296,8 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
             if freeze_stem:  # also on resume, so that the captioner's optimizer matches its backup
                 frozen = model.backbone.freeze_image_stem()
                 print(f"[{name}] image stem frozen for the captioner's epochs: {', '.join(frozen) or 'none in this encoder'}")
-        history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2)
+        history = model.fit(train_ds, validation_data=valid_ds, epochs=epochs, callbacks=callbacks, verbose=2,
+                            shuffle=False)  # make_dataset shuffles; Keras would warn that it ignores shuffle=True
     seconds = time.perf_counter() - start
     model.save(out_dir / "model.keras")  # on every worker (it may read synchronised variables); only the chief's stays
     info = {

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipelines.dataset import make_dataset
-from pipelines.metrics import caption_metrics, field_accuracy
+from pipelines.metrics import caption_metrics, field_accuracy, field_accuracy_by_study
 from pipelines.text import normalize_caption
 
 
@@ -40,6 +40,7 @@ def score_predictions(records: Sequence, captions: Sequence[str], preprocess: bo
     return {
         "caption_metrics": caption_metrics(references, captions, preprocess=preprocess),
         "fields": field_accuracy(references, captions),
+        "fields_by_study": field_accuracy_by_study(references, captions),
     }
 
 

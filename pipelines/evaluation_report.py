@@ -74,6 +74,23 @@ def plot_examples(records, columns: dict[str, Sequence[str]], out_png: Path, cou
     return out_png
 
 
+def study_table(by_study: dict[str, dict]) -> list[str]:
+    """Markdown lines: field accuracy per study (`pipelines.metrics.field_accuracy_by_study`), weakest first.
+
+    Modality and region are left out (they define the study); a field no reference of a study states shows "-".
+    """
+    if len(by_study) < 2:
+        return []
+    fields = [f for f in (*FIELDS, "all_fields") if f not in ("modality", "region")]
+    lines = ["", "### By study (the reference's modality and region), weakest first", "",
+             "| study | images | " + " | ".join(f.replace("_", " ") for f in fields) + " |",
+             "|---|---|" + "---|" * len(fields)]
+    for study, result in sorted(by_study.items(), key=lambda item: (item[1]["all_fields"]["accuracy"], item[0])):
+        cells = [f"{result[f]['accuracy']:.1%}" if result[f]["accuracy"] is not None else "-" for f in fields]
+        lines.append(f"| {study} | {result['all_fields']['support']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_evaluation_report(out: Path, records, captions: Sequence[str], metrics: dict) -> Path:
     """report.md with the metric tables, confusion matrices and the example grid."""
     references = [r.caption for r in records]
@@ -90,6 +107,7 @@ def write_evaluation_report(out: Path, records, captions: Sequence[str], metrics
     for field, value in metrics["fields"].items():
         if value["accuracy"] is not None:
             lines.append(f"| {field} | {value['accuracy']:.1%} | {value['support']} |")
+    lines += study_table(metrics.get("fields_by_study") or {})
     for field in FIELDS:
         png = plot_confusion(field, references, captions, out / f"confusion_{field}.png")
         if png:

@@ -32,6 +32,10 @@ def test_without_a_test_split_it_evaluates_valid_and_says_so(model_path, tmp_pat
     assert "has no test split: evaluating on valid" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "valid" and metrics["images"] == 3
+    studies = metrics["fields_by_study"]  # the references' studies, each with its own field accuracy
+    assert list(studies) == ["ct abdomen", "mri brain", "x-ray pelvis"]
+    assert all(s["all_fields"]["support"] == 1 for s in studies.values())
+    assert "| x-ray pelvis | 1 |" in (out / "report.md").read_text()
 
 
 def test_a_missing_split_asked_for_is_a_clear_error(model_path, tmp_path):

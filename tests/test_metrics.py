@@ -4,7 +4,8 @@ import shutil
 
 import pytest
 
-from pipelines.metrics import caption_metrics, field_accuracy, imageclef_preprocess, rouge1_f
+from pipelines.evaluation_report import study_table
+from pipelines.metrics import caption_metrics, field_accuracy, field_accuracy_by_study, imageclef_preprocess, rouge1_f
 
 
 def test_imageclef_preprocessing():
@@ -48,3 +49,23 @@ def test_field_accuracy_counts_only_stated_fields():
     assert acc["modality"]["accuracy"] == pytest.approx(0.5) and acc["modality"]["support"] == 2
     assert acc["laterality"]["accuracy"] == 0.0 and acc["laterality"]["support"] == 1
     assert acc["all_fields"]["accuracy"] == 0.0
+
+
+def test_field_accuracy_by_study_groups_by_the_references_modality_and_region():
+    refs = ["Axial CT of the abdomen showing a large cyst in the left kidney.",
+            "Coronal CT of the abdomen showing a small renal stone.",
+            "Axial brain MRI: a small cyst in the right hemisphere.",
+            "A radiograph."]  # no region: grouped under its modality
+    preds = ["Axial CT of the abdomen showing a large mass in the left kidney.",
+             "Coronal CT of the abdomen showing a small renal stone.",
+             "Axial brain MRI: a small cyst in the right hemisphere.",
+             "A radiograph."]
+    by_study = field_accuracy_by_study(refs, preds)
+    assert list(by_study) == ["ct abdomen", "mri brain", "x-ray"]
+    assert by_study["ct abdomen"]["finding"] == {"accuracy": 0.5, "support": 2}
+    assert by_study["mri brain"]["finding"]["accuracy"] == 1.0 and by_study["x-ray"]["finding"]["support"] == 0
+    table = study_table(by_study)
+    assert table[-3:] == ["| ct abdomen | 2 | 100.0% | 50.0% | 100.0% | 100.0% | 50.0% |",  # weakest first
+                          "| mri brain | 1 | 100.0% | 100.0% | 100.0% | 100.0% | 100.0% |",
+                          "| x-ray | 1 | - | - | - | - | 100.0% |"]
+    assert study_table({"ct abdomen": by_study["ct abdomen"]}) == []  # one study: the overall table says it all

@@ -23,6 +23,14 @@ def _pretraining(info: dict | None) -> str:
     return f"{info['epochs']} epochs, {info['seconds'] / 60:.1f} min" if info["seconds"] else f"{info['epochs']} epochs ({info['status']})"
 
 
+def _weakest_study(by_study: dict[str, dict]) -> str | None:
+    """'ct abdomen: 53.9% (n=76)', the study with the fewest captions right in every field; None for one study."""
+    if len(by_study) < 2:
+        return None
+    study, result = min(by_study.items(), key=lambda item: (item[1]["all_fields"]["accuracy"], item[0]))
+    return f"{study}: {_pct(result['all_fields']['accuracy'])} (n={result['all_fields']['support']})"
+
+
 def write_run_report(run_dir: Path, summary: dict) -> Path:
     """Write report.md for a finished run and return its path."""
     models = summary["models"]
@@ -58,6 +66,10 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
             continue
         label = "all fields right (exact)" if field == "all_fields" else field
         lines.append(f"| {label} | " + " | ".join(f"{_pct(c.get('accuracy'))} (n={c.get('support', 0)})" for c in cells) + " |")
+    weakest = [_weakest_study(models[n]["metrics"].get("fields_by_study") or {}) for n in names]
+    if any(weakest):
+        lines.append("| weakest study, all fields (per study: each model's report) | " + " | ".join(
+            w or "n/a" for w in weakest) + " |")
     lines += ["", "![field accuracy](field_accuracy.png)", "", "## Caption metrics (ImageCLEFmedical preprocessing)", ""]
     lines += ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for metric in METRIC_ORDER:

@@ -308,4 +308,9 @@ def test_a_small_preset_run_pretrains_concepts_then_trains_and_reports_it(tmp_pa
     assert model["epochs_run"] == 1 and "fields" in model["metrics"]
     assert len((run / "cnn_gru" / "concept_history.csv").read_text().splitlines()) == 2
     assert not (run / "cnn_gru" / PRETRAINED_WEIGHTS).exists()  # the finished model holds them
-    assert "| 1 epochs, " in (run / "report.md").read_text()
+    report = (run / "report.md").read_text()
+    assert "| 1 epochs, " in report
+    weakest = min(model["metrics"]["fields_by_study"].items(), key=lambda kv: (kv[1]["all_fields"]["accuracy"], kv[0]))
+    assert f"| weakest study, all fields (per study: each model's report) | {weakest[0]}: " in report
+    assert "### By study" in (run / "cnn_gru" / "report.md").read_text()
+    assert "shuffle=True" not in done.stderr  # the datasets shuffle; fit() is told so

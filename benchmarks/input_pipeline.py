@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         cached = drain(dataset, 2)
         consumed = step_rate(captioner, batch_size, args.steps, captions)
         steps = len(records) // batch_size
-        captioner.fit(dataset.take(2), epochs=1, verbose=0)  # retrace for the pipeline's element spec
+        captioner.fit(dataset.take(2), epochs=1, verbose=0, shuffle=False)  # retrace for the pipeline's element spec
         started = time.perf_counter()
-        captioner.fit(dataset.take(steps), epochs=1, verbose=0)
+        captioner.fit(dataset.take(steps), epochs=1, verbose=0, shuffle=False)
         fed = steps * batch_size / (time.perf_counter() - started)
         rows.append({"model": name, "preset": args.preset, "batch_size": batch_size,
                      "image_size": captioner.image_config["image_size"], "pipeline_first_epoch": first,

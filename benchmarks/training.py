@@ -66,9 +66,9 @@ def one_batch(captioner, batch_size: int, captions: list[str]):
 
 def timed_fit(model, batch, steps: int, batch_size: int) -> float:
     """Examples per second of `fit` steps on `batch` repeated (after a warm-up epoch that traces and compiles)."""
-    model.fit(batch.repeat(2), epochs=1, verbose=0)
+    model.fit(batch.repeat(2), epochs=1, verbose=0, shuffle=False)  # a tf.data batch: nothing to shuffle
     started = time.perf_counter()
-    model.fit(batch.repeat(steps), epochs=1, verbose=0)
+    model.fit(batch.repeat(steps), epochs=1, verbose=0, shuffle=False)
     return steps * batch_size / (time.perf_counter() - started)
 
 

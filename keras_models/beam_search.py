@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import functools
-
 import keras
 import keras_hub
 from keras import ops, tree
+
+
+def stop_tokens(token_ids, stop_token_ids, prompt_mask):
+    """Boolean mask of the stop tokens in `token_ids` outside the prompt (`prompt_mask` True on prompt positions)."""
+    is_stop = ops.zeros_like(token_ids, dtype="bool")
+    for stop_id in stop_token_ids:
+        is_stop = ops.logical_or(is_stop, ops.equal(token_ids, stop_id))
+    return ops.logical_and(is_stop, ops.logical_not(prompt_mask))
 
 
 @keras.saving.register_keras_serializable(package="medcap")
@@ -38,8 +44,7 @@ class BeamSampler(keras_hub.samplers.BeamSampler):
         def cond(prompt, cache, index, mask, log_probs):
             if stop_token_ids is None:
                 return ops.convert_to_tensor(True, dtype="bool")
-            stopped = [ops.equal(prompt, token) for token in stop_token_ids]  # keras-hub's any_equal, not public
-            ended = ops.any(ops.logical_and(functools.reduce(ops.logical_or, stopped), ~mask), axis=-1)
+            ended = ops.any(stop_tokens(prompt, stop_token_ids, mask), axis=-1)
             return ops.logical_not(ops.all(ended))
 
         def body(prompt, cache, index, mask, log_probs):

@@ -24,7 +24,7 @@ import keras_hub
 import numpy as np
 from keras import ops
 
-from keras_models.beam_search import BeamSampler
+from keras_models.beam_search import BeamSampler, stop_tokens
 
 SAMPLERS = ("greedy", "beam", "top_k", "top_p", "random")
 
@@ -211,10 +211,6 @@ def generated_mask(token_ids, padding_mask, stop_token_ids):
     """Mask of the prompt and the generated tokens up to and including the first stop token."""
     if stop_token_ids is None:
         return ops.ones_like(token_ids, dtype="bool")
-    is_stop = ops.zeros_like(token_ids, dtype="bool")
-    for stop_id in stop_token_ids:
-        is_stop = ops.logical_or(is_stop, ops.equal(token_ids, stop_id))
-    is_stop = ops.logical_and(is_stop, ops.logical_not(padding_mask))
-    stops = ops.cast(is_stop, "int32")
+    stops = ops.cast(stop_tokens(token_ids, stop_token_ids, padding_mask), "int32")
     after_stop = ops.cumsum(stops, axis=-1) - stops
     return ops.logical_not(ops.cast(after_stop, "bool"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class FreezableImageStem:
-    """Backbone mixin: `freeze_image_stem()` freezes `image_stem_layers()`, and the backbone's config keeps it.
+    """Backbone mixin: `freeze_image_stem()` freezes `image_stem_layers()`; `image_stem_frozen` says whether they are.
 
     Keras saves a layer's `trainable` flag in the layer's config, but our backbones rebuild their layers from
     their arguments, so without `image_stem_frozen` in the config a reloaded model's stem would train again:
@@ -13,7 +13,11 @@ class FreezableImageStem:
     calls `freeze_image_stem()` at the end of `__init__` when it is set, and returns it from `get_config`.
     """
 
-    image_stem_frozen = False
+    @property
+    def image_stem_frozen(self) -> bool:
+        """Whether the backbone has a stem and none of its layers trains (read from the layers, never stale)."""
+        layers = self.image_stem_layers()
+        return bool(layers) and not any(layer.trainable for layer in layers)
 
     def freeze_image_stem(self) -> list[str]:
         """Freeze the stem (weights and batch-norm statistics); returns the frozen layers' names.
@@ -25,5 +29,4 @@ class FreezableImageStem:
         layers = self.image_stem_layers()
         for layer in layers:
             layer.trainable = False
-        self.image_stem_frozen = bool(layers)
         return [layer.name for layer in layers]

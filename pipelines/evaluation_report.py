@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipelines.findings import FIELDS, parse_findings  # noqa: E402
+from pipelines.metrics import MIN_STUDY_IMAGES, weakest_first  # noqa: E402
 from pipelines.report import METRIC_ORDER  # noqa: E402
 
 MISSING = "(not said)"
@@ -74,18 +75,19 @@ def plot_examples(records, columns: dict[str, Sequence[str]], out_png: Path, cou
     return out_png
 
 
-def study_table(by_study: dict[str, dict]) -> list[str]:
+def study_table(by_study: dict[str, dict], min_images: int = MIN_STUDY_IMAGES) -> list[str]:
     """Markdown lines: field accuracy per study (`pipelines.metrics.field_accuracy_by_study`), weakest first.
 
-    Modality and region are left out (they define the study); a field no reference of a study states shows "-".
+    Modality and region stay: the study is the reference's, and a prediction can name another one.
+    A field no reference of a study states shows "-". Nothing for a single study (the overall table says it all).
     """
     if len(by_study) < 2:
         return []
-    fields = [f for f in (*FIELDS, "all_fields") if f not in ("modality", "region")]
-    lines = ["", "### By study (the reference's modality and region), weakest first", "",
-             "| study | images | " + " | ".join(f.replace("_", " ") for f in fields) + " |",
+    fields = [*FIELDS, "all_fields"]
+    lines = ["", f"### By study (the reference's modality and region), weakest first; under {min_images} images last",
+             "", "| study | images | " + " | ".join(f.replace("_", " ") for f in fields) + " |",
              "|---|---|" + "---|" * len(fields)]
-    for study, result in sorted(by_study.items(), key=lambda item: (item[1]["all_fields"]["accuracy"], item[0])):
+    for study, result in weakest_first(by_study, min_images):
         cells = [f"{result[f]['accuracy']:.1%}" if result[f]["accuracy"] is not None else "-" for f in fields]
         lines.append(f"| {study} | {result['all_fields']['support']} | " + " | ".join(cells) + " |")
     return lines

@@ -13,6 +13,7 @@ from typing import Sequence
 from pipelines.findings import FIELDS, parse_findings
 
 log = logging.getLogger(__name__)
+MIN_STUDY_IMAGES = 20  # a study with fewer captions is listed, but not ranked among the weakest
 _PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
@@ -99,8 +100,8 @@ def field_accuracy_by_study(references: Sequence[str], predictions: Sequence[str
     """`field_accuracy` within each study the references name: {"ct abdomen": {...}, ...}, sorted by name.
 
     The study is the reference's modality and region ("ct" where it names no region, "not said" where it
-    names neither). An overall figure hides where a model fails: in the default run of 2026-12-05 GIT's
-    findings were 93.4% right overall and 59% in abdominal CT.
+    names neither). An overall figure hides where a model fails: in the default run of 2026-12-05 08:13
+    (commit 3823f7d) GIT small had 93.4% of findings right overall and 59.2% in abdominal CT.
     """
     groups: dict[str, tuple[list, list]] = {}
     for reference, prediction in zip(references, predictions):
@@ -110,3 +111,11 @@ def field_accuracy_by_study(references: Sequence[str], predictions: Sequence[str
         refs.append(reference)
         preds.append(prediction)
     return {study: field_accuracy(refs, preds, fields) for study, (refs, preds) in sorted(groups.items())}
+
+
+def weakest_first(by_study: dict[str, dict], min_images: int = MIN_STUDY_IMAGES) -> list[tuple[str, dict]]:
+    """`field_accuracy_by_study`'s studies, the lowest share of captions with every field right first (then by name);
+    studies with fewer than `min_images` captions come after the others, in the same order: on real data many
+    hold a caption or two, and their shares say little."""
+    return sorted(by_study.items(), key=lambda item: (item[1]["all_fields"]["support"] < min_images,
+                                                      item[1]["all_fields"]["accuracy"], item[0]))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines.metrics import MIN_STUDY_IMAGES, weakest_first
+
 FIELD_ORDER = ("modality", "region", "view", "finding", "laterality", "size", "all_fields")
 METRIC_ORDER = ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "ROUGE-1 F")
 
@@ -23,11 +25,13 @@ def _pretraining(info: dict | None) -> str:
     return f"{info['epochs']} epochs, {info['seconds'] / 60:.1f} min" if info["seconds"] else f"{info['epochs']} epochs ({info['status']})"
 
 
-def _weakest_study(by_study: dict[str, dict]) -> str | None:
-    """'ct abdomen: 53.9% (n=76)', the study with the fewest captions right in every field; None for one study."""
-    if len(by_study) < 2:
+def _weakest_study(by_study: dict[str, dict], min_images: int = MIN_STUDY_IMAGES) -> str | None:
+    """'ct abdomen: 53.9% (n=76)': the study of at least `min_images` captions with the lowest share of captions
+    right in every field; None when there is no such study or only one study."""
+    ranked = weakest_first(by_study, min_images)
+    if len(ranked) < 2 or ranked[0][1]["all_fields"]["support"] < min_images:
         return None
-    study, result = min(by_study.items(), key=lambda item: (item[1]["all_fields"]["accuracy"], item[0]))
+    study, result = ranked[0]
     return f"{study}: {_pct(result['all_fields']['accuracy'])} (n={result['all_fields']['support']})"
 
 
@@ -68,8 +72,8 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
         lines.append(f"| {label} | " + " | ".join(f"{_pct(c.get('accuracy'))} (n={c.get('support', 0)})" for c in cells) + " |")
     weakest = [_weakest_study(models[n]["metrics"].get("fields_by_study") or {}) for n in names]
     if any(weakest):
-        lines.append("| weakest study, all fields (per study: each model's report) | " + " | ".join(
-            w or "n/a" for w in weakest) + " |")
+        label = f"weakest study of {MIN_STUDY_IMAGES}+ images, all fields (per study: each model's report)"
+        lines.append(f"| {label} | " + " | ".join(w or "n/a" for w in weakest) + " |")
     lines += ["", "![field accuracy](field_accuracy.png)", "", "## Caption metrics (ImageCLEFmedical preprocessing)", ""]
     lines += ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for metric in METRIC_ORDER:

@@ -97,17 +97,17 @@ def test_the_search_stops_once_every_beam_has_ended():
     """
     steps = []
 
-    def next(prompt, cache, index):
+    def step(prompt, cache, index):
         steps.append(int(index))
         logits = ops.one_hot(ops.full((ops.shape(prompt)[0],), 3), VOCAB) * 10.0  # token 3 far ahead
         return logits, None, cache
 
     prompt = np.zeros((2, LENGTH), "int32")
     prompt[:, 0] = 1
-    BeamSampler(num_beams=2)(next, ops.convert_to_tensor(prompt), cache=(ops.zeros((2,)),), index=1,
-                             mask=ops.convert_to_tensor(prompt > 0), stop_token_ids=(3,))
+    BeamSampler(num_beams=2)(step, ops.convert_to_tensor(prompt), cache=(ops.zeros((2,)),), index=1,
+                             mask=ops.convert_to_tensor(prompt > 0), stop_token_ids=(4, 3))
     assert steps == [1, 2]
     steps.clear()
-    BeamSampler(num_beams=2)(next, ops.convert_to_tensor(prompt), cache=(ops.zeros((2,)),), index=1,
+    BeamSampler(num_beams=2)(step, ops.convert_to_tensor(prompt), cache=(ops.zeros((2,)),), index=1,
                              mask=ops.convert_to_tensor(prompt > 0), stop_token_ids=(4,))
     assert steps == list(range(1, LENGTH))  # never stopped: every position filled

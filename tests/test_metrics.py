@@ -5,7 +5,9 @@ import shutil
 import pytest
 
 from pipelines.evaluation_report import study_table
-from pipelines.metrics import caption_metrics, field_accuracy, field_accuracy_by_study, imageclef_preprocess, rouge1_f
+from pipelines.metrics import (caption_metrics, field_accuracy, field_accuracy_by_study, imageclef_preprocess, rouge1_f,
+                               weakest_first)
+from pipelines.report import _weakest_study
 
 
 def test_imageclef_preprocessing():
@@ -58,14 +60,19 @@ def test_field_accuracy_by_study_groups_by_the_references_modality_and_region():
             "A radiograph."]  # no region: grouped under its modality
     preds = ["Axial CT of the abdomen showing a large mass in the left kidney.",
              "Coronal CT of the abdomen showing a small renal stone.",
-             "Axial brain MRI: a small cyst in the right hemisphere.",
+             "Axial brain CT: a small cyst in the right hemisphere.",  # the modality wrong
              "A radiograph."]
     by_study = field_accuracy_by_study(refs, preds)
     assert list(by_study) == ["ct abdomen", "mri brain", "x-ray"]
     assert by_study["ct abdomen"]["finding"] == {"accuracy": 0.5, "support": 2}
-    assert by_study["mri brain"]["finding"]["accuracy"] == 1.0 and by_study["x-ray"]["finding"]["support"] == 0
-    table = study_table(by_study)
-    assert table[-3:] == ["| ct abdomen | 2 | 100.0% | 50.0% | 100.0% | 100.0% | 50.0% |",  # weakest first
-                          "| mri brain | 1 | 100.0% | 100.0% | 100.0% | 100.0% | 100.0% |",
-                          "| x-ray | 1 | - | - | - | - | 100.0% |"]
+    assert by_study["mri brain"]["modality"]["accuracy"] == 0.0 and by_study["x-ray"]["finding"]["support"] == 0
+    assert [study for study, _ in weakest_first(by_study, min_images=1)] == ["mri brain", "ct abdomen", "x-ray"]
+    assert [study for study, _ in weakest_first(by_study, min_images=2)] == ["ct abdomen", "mri brain", "x-ray"]
+    assert study_table(by_study, min_images=1)[-3:] == [  # weakest first, modality and region kept
+        "| mri brain | 1 | 0.0% | 100.0% | 100.0% | 100.0% | 100.0% | 100.0% | 0.0% |",
+        "| ct abdomen | 2 | 100.0% | 100.0% | 100.0% | 50.0% | 100.0% | 100.0% | 50.0% |",
+        "| x-ray | 1 | 100.0% | - | - | - | - | - | 100.0% |"]
     assert study_table({"ct abdomen": by_study["ct abdomen"]}) == []  # one study: the overall table says it all
+    assert _weakest_study(by_study, min_images=1) == "mri brain: 0.0% (n=1)"
+    assert _weakest_study(by_study, min_images=2) == "ct abdomen: 50.0% (n=2)"
+    assert _weakest_study(by_study, min_images=3) is None  # no study large enough to rank

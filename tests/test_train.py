@@ -258,7 +258,7 @@ def test_a_frozen_image_stem_keeps_its_weights_and_statistics_while_the_rest_tra
               verbose=0)
     for w, before in zip(stem, stem_before):
         np.testing.assert_array_equal(w.numpy(), before, err_msg=w.path)
-    assert all(not np.allclose(w.numpy(), b) for w, b in zip(later, later_before))  # kernel, gamma, beta, mean, var
+    assert all(not np.allclose(w.numpy(), b) for w, b in zip(later, later_before))  # its kernel and bias
 
 
 @pytest.mark.parametrize("name, options", [("cnn_gru", {}), ("git", {"vision_stem": "conv"})])
@@ -268,6 +268,7 @@ def test_a_frozen_stem_stays_frozen_in_the_keras_file_and_its_optimizer_reloads(
     keras.utils.set_random_seed(0)
     model = build_captioner(name, "tiny", tokenizer, concept_loss_weight=1.0, **options)
     model.compile(optimizer=keras.optimizers.AdamW(1e-3))
+    trainable_before = len(model.trainable_weights)
     frozen = model.backbone.freeze_image_stem()
     images = np.random.RandomState(0).uniform(-1, 1, (2, 32, 32, 1)).astype("float32")
     model.fit(tf.data.Dataset.from_tensor_slices({"images": images, "captions": captions}).batch(2), verbose=0)
@@ -278,7 +279,7 @@ def test_a_frozen_stem_stays_frozen_in_the_keras_file_and_its_optimizer_reloads(
     assert not [str(w.message) for w in caught if "optimizer" in str(w.message)]
     assert reloaded.backbone.image_stem_frozen and frozen
     assert not any(layer.trainable for layer in reloaded.backbone.image_stem_layers())
-    assert len(reloaded.trainable_weights) == len(model.trainable_weights) < len(model.weights)
+    assert len(reloaded.trainable_weights) == len(model.trainable_weights) < trainable_before
     for a, b in zip(model.optimizer.variables, reloaded.optimizer.variables):  # the moments came back too
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
@@ -310,7 +311,6 @@ def test_a_small_preset_run_pretrains_concepts_then_trains_and_reports_it(tmp_pa
     assert not (run / "cnn_gru" / PRETRAINED_WEIGHTS).exists()  # the finished model holds them
     report = (run / "report.md").read_text()
     assert "| 1 epochs, " in report
-    weakest = min(model["metrics"]["fields_by_study"].items(), key=lambda kv: (kv[1]["all_fields"]["accuracy"], kv[0]))
-    assert f"| weakest study, all fields (per study: each model's report) | {weakest[0]}: " in report
-    assert "### By study" in (run / "cnn_gru" / "report.md").read_text()
+    assert len(model["metrics"]["fields_by_study"]) > 1 and "### By study" in (run / "cnn_gru" / "report.md").read_text()
+    assert "weakest study" not in report  # every study of the example set has under 20 images: none is ranked
     assert "shuffle=True" not in done.stderr  # the datasets shuffle; fit() is told so

@@ -16,7 +16,7 @@ from PIL import Image  # noqa: E402
 
 from pipelines.findings import FIELDS, parse_findings  # noqa: E402
 from pipelines.metrics import MIN_STUDY_IMAGES, weakest_first  # noqa: E402
-from pipelines.report import METRIC_ORDER  # noqa: E402
+from pipelines.report import METRIC_ORDER, weakest_study  # noqa: E402
 
 MISSING = "(not said)"
 
@@ -91,6 +91,19 @@ def study_table(by_study: dict[str, dict], min_images: int = MIN_STUDY_IMAGES) -
         cells = [f"{result[f]['accuracy']:.1%}" if result[f]["accuracy"] is not None else "-" for f in fields]
         lines.append(f"| {study} | {result['all_fields']['support']} | " + " | ".join(cells) + " |")
     return lines
+
+
+def summary_lines(metrics: dict) -> str:
+    """What `pipelines/evaluate.py` prints: the caption metrics, each field's accuracy and the weakest study."""
+    words = "  ".join(f"{m} {metrics['caption_metrics'][m]:.4f}" for m in METRIC_ORDER
+                      if metrics["caption_metrics"].get(m) is not None)
+    fields = "  ".join(f"{field.replace('_', ' ')} {value['accuracy']:.1%} (n={value['support']})"
+                       for field, value in metrics["fields"].items() if value["accuracy"] is not None)
+    lines = [f"caption metrics: {words or 'none'}", f"clinical fields right: {fields or 'none stated'}"]
+    weakest = weakest_study(metrics.get("fields_by_study") or {})
+    if weakest:
+        lines.append(f"weakest study of {MIN_STUDY_IMAGES}+ images (all fields right): {weakest}; every study: report.md")
+    return "\n".join(lines)
 
 
 def write_evaluation_report(out: Path, records, captions: Sequence[str], metrics: dict) -> Path:

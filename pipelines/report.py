@@ -25,7 +25,7 @@ def _pretraining(info: dict | None) -> str:
     return f"{info['epochs']} epochs, {info['seconds'] / 60:.1f} min" if info["seconds"] else f"{info['epochs']} epochs ({info['status']})"
 
 
-def _weakest_study(by_study: dict[str, dict], min_images: int = MIN_STUDY_IMAGES) -> str | None:
+def weakest_study(by_study: dict[str, dict], min_images: int = MIN_STUDY_IMAGES) -> str | None:
     """'ct abdomen: 53.9% (n=76)': the study of at least `min_images` captions with the lowest share of captions
     right in every field; None when there is no such study or only one study."""
     ranked = weakest_first(by_study, min_images)
@@ -70,7 +70,7 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
             continue
         label = "all fields right (exact)" if field == "all_fields" else field
         lines.append(f"| {label} | " + " | ".join(f"{_pct(c.get('accuracy'))} (n={c.get('support', 0)})" for c in cells) + " |")
-    weakest = [_weakest_study(models[n]["metrics"].get("fields_by_study") or {}) for n in names]
+    weakest = [weakest_study(models[n]["metrics"].get("fields_by_study") or {}) for n in names]
     if any(weakest):
         label = f"weakest study of {MIN_STUDY_IMAGES}+ images, all fields (per study: each model's report)"
         lines.append(f"| {label} | " + " | ".join(w or "n/a" for w in weakest) + " |")

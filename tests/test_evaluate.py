@@ -29,7 +29,9 @@ def test_without_a_test_split_it_evaluates_valid_and_says_so(model_path, tmp_pat
     out = tmp_path / "eval"
     assert evaluate.main(["--model", str(model_path), "--dataset", str(EXAMPLES), "--limit", "3",
                           "--out", str(out)]) == 0
-    assert "has no test split: evaluating on valid" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "has no test split: evaluating on valid" in printed
+    assert "caption metrics: BLEU-1 " in printed and "clinical fields right: modality " in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["split"] == "valid" and metrics["images"] == 3
     studies = metrics["fields_by_study"]  # the references' studies, each with its own field accuracy

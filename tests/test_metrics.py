@@ -4,10 +4,10 @@ import shutil
 
 import pytest
 
-from pipelines.evaluation_report import study_table
+from pipelines.evaluation_report import study_table, summary_lines
 from pipelines.metrics import (caption_metrics, field_accuracy, field_accuracy_by_study, imageclef_preprocess, rouge1_f,
                                weakest_first)
-from pipelines.report import _weakest_study
+from pipelines.report import weakest_study
 
 
 def test_imageclef_preprocessing():
@@ -73,6 +73,18 @@ def test_field_accuracy_by_study_groups_by_the_references_modality_and_region():
         "| ct abdomen | 2 | 100.0% | 100.0% | 100.0% | 50.0% | 100.0% | 100.0% | 50.0% |",
         "| x-ray | 1 | 100.0% | - | - | - | - | - | 100.0% |"]
     assert study_table({"ct abdomen": by_study["ct abdomen"]}) == []  # one study: the overall table says it all
-    assert _weakest_study(by_study, min_images=1) == "mri brain: 0.0% (n=1)"
-    assert _weakest_study(by_study, min_images=2) == "ct abdomen: 50.0% (n=2)"
-    assert _weakest_study(by_study, min_images=3) is None  # no study large enough to rank
+    assert weakest_study(by_study, min_images=1) == "mri brain: 0.0% (n=1)"
+    assert weakest_study(by_study, min_images=2) == "ct abdomen: 50.0% (n=2)"
+    assert weakest_study(by_study, min_images=3) is None  # no study large enough to rank
+
+
+def test_the_printed_summary_names_each_field_and_the_weakest_large_study():
+    refs = ["Axial CT of the abdomen showing a large cyst in the left kidney."] * 20 + ["Axial brain MRI."] * 20
+    preds = ["Axial CT of the abdomen showing a large mass in the left kidney."] * 20 + ["Axial brain MRI."] * 20
+    metrics = {"caption_metrics": {"BLEU-1": 0.5, "METEOR": None},
+               "fields": field_accuracy(refs, preds), "fields_by_study": field_accuracy_by_study(refs, preds)}
+    assert summary_lines(metrics).splitlines() == [
+        "caption metrics: BLEU-1 0.5000",  # METEOR skipped (no Java): not printed
+        "clinical fields right: modality 100.0% (n=40)  region 100.0% (n=40)  view 100.0% (n=40)  "
+        "finding 0.0% (n=20)  laterality 100.0% (n=20)  size 100.0% (n=20)  all fields 50.0% (n=40)",
+        "weakest study of 20+ images (all fields right): ct abdomen: 0.0% (n=20); every study: report.md"]

@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from pipelines.evaluate_lib import score_predictions, write_predictions
-    from pipelines.evaluation_report import summary_lines, write_evaluation_report
+    from pipelines.evaluation_report import summary_text, write_evaluation_report
     from pipelines.rocov2 import DatasetError, list_splits, read_split
 
     if args.num_beams is not None and args.num_beams < 1:
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                     "caption_seconds": round(seconds, 1)})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     report_path = write_evaluation_report(out, records, captions, metrics)
-    print(summary_lines(metrics))
+    print(summary_text(metrics))
     print(f"\npredictions: {out / 'predictions.csv'}\nreport: {report_path}")
     return 0
 

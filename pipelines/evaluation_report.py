@@ -93,7 +93,7 @@ def study_table(by_study: dict[str, dict], min_images: int = MIN_STUDY_IMAGES) -
     return lines
 
 
-def summary_lines(metrics: dict) -> str:
+def summary_text(metrics: dict) -> str:
     """What `pipelines/evaluate.py` prints: the caption metrics, each field's accuracy and the weakest study."""
     words = "  ".join(f"{m} {metrics['caption_metrics'][m]:.4f}" for m in METRIC_ORDER
                       if metrics["caption_metrics"].get(m) is not None)

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from pipelines.evaluation_report import study_table, summary_lines
+from pipelines.evaluation_report import study_table, summary_text
 from pipelines.metrics import (caption_metrics, field_accuracy, field_accuracy_by_study, imageclef_preprocess, rouge1_f,
                                weakest_first)
 from pipelines.report import weakest_study
@@ -83,7 +83,7 @@ def test_the_printed_summary_names_each_field_and_the_weakest_large_study():
     preds = ["Axial CT of the abdomen showing a large mass in the left kidney."] * 20 + ["Axial brain MRI."] * 20
     metrics = {"caption_metrics": {"BLEU-1": 0.5, "METEOR": None},
                "fields": field_accuracy(refs, preds), "fields_by_study": field_accuracy_by_study(refs, preds)}
-    assert summary_lines(metrics).splitlines() == [
+    assert summary_text(metrics).splitlines() == [
         "caption metrics: BLEU-1 0.5000",  # METEOR skipped (no Java): not printed
         "clinical fields right: modality 100.0% (n=40)  region 100.0% (n=40)  view 100.0% (n=40)  "
         "finding 0.0% (n=20)  laterality 100.0% (n=20)  size 100.0% (n=20)  all fields 50.0% (n=40)",

@@ -46,6 +46,7 @@ class TrainConfig:
     concept_epochs: int | None = None
     freeze_stem: bool | None = None
     backbone: dict = field(default_factory=dict)  # preset backbone settings replaced (--backbone KEY=VALUE)
+    image_size: int | None = None  # the preset's unless set (--image-size)
     vocabulary_size: int = 2000
     sequence_length: int | None = None
     max_train_examples: int | None = None
@@ -127,6 +128,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                         "--backbone vision_num_layers=3 (repeatable; VALUE is a Python literal, a bare word a string; "
                         "the keys are the backbone's arguments, as in keras_models/git/git_presets.py and "
                         "keras_models/cnn_gru/presets.py)")
+    p.add_argument("--image-size", type=int, metavar="PIXELS",
+                   help="side of the square image the models read: every image is resized (and padded or cropped, "
+                        "as the preset says) to it, in training and in the exported SavedModel. Default: the "
+                        "preset's (small: 128; GIT needs a multiple of its patch size, 16). Larger sees smaller "
+                        "lesions and costs time: about (size / 128)^2 as much per epoch for the small presets")
     p.add_argument("--vocab-size", type=int, default=2000, dest="vocabulary_size",
                    help="WordPiece vocabulary size learned from the training captions")
     p.add_argument("--sequence-length", type=int, help="maximum caption length in tokens (default: the preset's)")
@@ -166,6 +172,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                 wrong = wrong_type(value, backbone_values(model, args.preset).get(key))
                 if wrong:
                     p.error(f"--backbone {key}={value!r}: the {model} backbone's {key} is {wrong}")
+    if args.image_size is not None:
+        from keras_models.registry import backbone_values
+
+        if args.image_size < 8:
+            p.error(f"--image-size must be at least 8 pixels, got {args.image_size}")
+        patch = {**backbone_values("git", args.preset), **args.backbone}.get("patch_size")
+        if args.model in ("git", "all") and patch and args.image_size % patch:
+            p.error(f"--image-size {args.image_size}: GIT's {args.preset} preset cuts images into {patch}-pixel "
+                    f"patches; use a multiple of {patch} (e.g. {max(patch, round(args.image_size / patch) * patch)})")
     resume = args.__dict__.pop("resume")
     synthetic_size = args.__dict__.pop("synthetic_size")
     cfg = TrainConfig(**vars(args))

@@ -240,7 +240,9 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     steps = max(1, len(splits["train"]) // batch_size) if custom_loop else -(-len(splits["train"]) // batch_size)
     schedule = warmup_cosine(learning_rate, epochs, steps)
     with strategy.scope():
+        image_size = getattr(cfg, "image_size", None)
         model = build_captioner(name, cfg.preset, tokenizer, sequence_length=cfg.sequence_length,
+                                **({"image_config": {"image_size": image_size}} if image_size else {}),
                                 **(getattr(cfg, "backbone", None) or {}))
         model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4, clipnorm=1.0))
     if concept_epochs and model.backbone.concept_head is None:
@@ -248,6 +250,7 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
                          "to pretrain (use a preset with one, e.g. small, or --concept-epochs 0).")
     overrides = ", ".join(f"{k}={v!r}" for k, v in (getattr(cfg, "backbone", None) or {}).items())
     print(f"\n[{name}] preset {cfg.preset}{f' with {overrides}' if overrides else ''}: {model.count_params():,} parameters; "
+          f"images {model.image_config['image_size']} px; "
           f"{epochs} epochs max x {steps} steps of {batch_size}; lr {learning_rate:g}; "
           f"time budget {f'{budget:.3g} min' if budget else 'none'}{_deadline_note(deadline)}; "
           f"augmentation {'on' if augment else 'off'}; "

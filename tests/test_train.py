@@ -48,6 +48,31 @@ def test_backbone_settings_from_the_command_line_are_literals_and_must_exist_in_
         assert message in capsys.readouterr().err
 
 
+def test_the_image_size_from_the_command_line_must_fit_gits_patches(capsys):
+    assert parse_args([])[0].image_size is None  # the preset decides
+    assert parse_args(["--image-size", "160"])[0].image_size == 160
+    assert parse_args(["--model", "cnn_gru", "--image-size", "150"])[0].image_size == 150  # no patches there
+    for argv, message in [(["--image-size", "150"], "use a multiple of 16 (e.g. 144)"),
+                          (["--model", "git", "--backbone", "patch_size=32", "--image-size", "144"], "multiple of 32"),
+                          (["--image-size", "4"], "at least 8 pixels")]:
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
+
+
+def test_a_run_at_another_image_size_trains_and_saves_the_model_at_that_size(tmp_path):
+    command = [sys.executable, "pipelines/train.py", "--dataset", "pipelines/examples", "--model", "git",
+               "--preset", "tiny", "--epochs", "1", "--image-size", "48", "--vocab-size", "200", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "images 48 px" in done.stdout
+    (model_path,) = tmp_path.glob("*/git/model.keras")
+    model = keras.saving.load_model(model_path)
+    assert model.image_config["image_size"] == 48  # the preprocessing the SavedModel exports reads it from here
+    assert model.backbone.vision_encoder.embedding.num_positions == (48 // 16) ** 2 + 1  # tiny's own 32 px: 5
+    assert len(model.generate(np.zeros((1, 48, 48, 1), "float32"), max_length=4)) == 1
+
+
 def test_augmentation_follows_the_flag_else_the_preset():
     assert parse_args([])[0].augment is None  # the preset decides
     assert parse_args(["--augment"])[0].augment is True

@@ -66,6 +66,8 @@ class GitVisionEmbedding(keras.layers.Layer):
         super().__init__(**kwargs)
         self.image_size, self.patch_size, self.hidden_dim, self.stem = image_size, patch_size, hidden_dim, stem
         self.stem_extra_convs = stem_extra_convs
+        if image_size % patch_size:
+            raise ValueError(f"The image size ({image_size}) must be a multiple of the patch size ({patch_size}).")
         self.num_positions = (image_size // patch_size) ** 2 + 1
         if stem_extra_convs and stem != "conv":
             raise ValueError("stem_extra_convs needs stem='conv' (a patch convolution has no stages).")

@@ -25,6 +25,13 @@ def _pretraining(info: dict | None) -> str:
     return f"{info['epochs']} epochs, {info['seconds'] / 60:.1f} min" if info["seconds"] else f"{info['epochs']} epochs ({info['status']})"
 
 
+def _preset(model: dict) -> str:
+    """'small (128 px, augmented)': the preset and the input it trained on (older summaries: the preset alone)."""
+    if "image_size" not in model:
+        return model["preset"]
+    return f"{model['preset']} ({model['image_size']} px{', augmented' if model.get('augment') else ''})"
+
+
 def weakest_study(by_study: dict[str, dict], min_images: int = MIN_STUDY_IMAGES) -> str | None:
     """'ct abdomen: 53.9% (n=76)': the study of at least `min_images` captions with the lowest share of captions
     right in every field; None when there is no such study or only one study."""
@@ -59,7 +66,7 @@ def write_run_report(run_dir: Path, summary: dict) -> Path:
     for name, r in models.items():
         final = r["final"]
         lines.append(
-            f"| {name} | {r['preset']} | {r['parameters']:,} | {_pretraining(r.get('concept_pretraining'))} | {r['epochs_run']} | {r['train_seconds'] / 60:.1f} min "
+            f"| {name} | {_preset(r)} | {r['parameters']:,} | {_pretraining(r.get('concept_pretraining'))} | {r['epochs_run']} | {r['train_seconds'] / 60:.1f} min "
             f"| {'yes' if r['stopped_by_time_budget'] else 'no'} | {_num(final.get('val_loss'))} "
             f"| {_num(final.get('val_caption_loss'))} | {_pct(final.get('val_token_accuracy'))} |"
         )

@@ -132,8 +132,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     p.add_argument("--image-size", type=int, metavar="PIXELS",
                    help="side of the square image the models read: every image is resized (and padded or cropped, "
                         "as the preset says) to it, in training and in the exported SavedModel. Default: the "
-                        "preset's (small: 128; GIT needs a multiple of its patch size, 16). Larger sees smaller "
-                        "lesions and costs time: about (size / 128)^2 as much per epoch for the small presets")
+                        "preset's (small: 128; at least 32; GIT needs a multiple of its patch size, 16). Larger "
+                        "sees smaller lesions and costs time: about (size / 128)^2 as much per epoch for the small "
+                        "presets, more once the decoded training images no longer fit the 1 GiB in-memory cache "
+                        "(8,000 images: above about 180 px), when they are decoded every epoch")
     p.add_argument("--vocab-size", type=int, default=2000, dest="vocabulary_size",
                    help="WordPiece vocabulary size learned from the training captions")
     p.add_argument("--sequence-length", type=int, help="maximum caption length in tokens (default: the preset's)")
@@ -174,14 +176,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                 if wrong:
                     p.error(f"--backbone {key}={value!r}: the {model} backbone's {key} is {wrong}")
     if args.image_size is not None:
-        from keras_models.registry import backbone_values
+        if args.image_size < 32:  # the encoders' last feature maps need 2 x 2 cells (quadrant pooling), ImageNet CNNs 32 px
+            p.error(f"--image-size must be at least 32 pixels, got {args.image_size}")
+        if args.model in ("git", "all"):
+            from keras_models.registry import backbone_values
 
-        if args.image_size < 8:
-            p.error(f"--image-size must be at least 8 pixels, got {args.image_size}")
-        patch = {**backbone_values("git", args.preset), **args.backbone}.get("patch_size")
-        if args.model in ("git", "all") and patch and args.image_size % patch:
-            p.error(f"--image-size {args.image_size}: GIT's {args.preset} preset cuts images into {patch}-pixel "
-                    f"patches; use a multiple of {patch} (e.g. {max(patch, round(args.image_size / patch) * patch)})")
+            patch = {**backbone_values("git", args.preset), **args.backbone}.get("patch_size")
+            if patch and (args.image_size % patch or args.image_size < 2 * patch):
+                p.error(f"--image-size {args.image_size}: GIT's {args.preset} preset cuts images into {patch}-pixel "
+                        f"patches, at least 2 x 2; use a multiple of {patch} "
+                        f"(e.g. {max(2 * patch, round(args.image_size / patch) * patch)})")
     resume = args.__dict__.pop("resume")
     synthetic_size = args.__dict__.pop("synthetic_size")
     cfg = TrainConfig(**vars(args))

@@ -305,6 +305,8 @@ def train_one(name: str, cfg, tokenizer, splits: dict, run_dir: Path, strategy: 
     model.save(out_dir / "model.keras")  # on every worker (it may read synchronised variables); only the chief's stays
     info = {
         "preset": cfg.preset,
+        "image_size": int(model.image_config["image_size"]),
+        "augment": bool(augment),
         "parameters": int(model.count_params()),
         "epochs_run": len(history.epoch),
         "train_seconds": round(seconds, 1),

@@ -285,6 +285,8 @@ def test_conv_stem_extra_convs_deepen_the_last_stages_and_save(tokenizer, tmp_pa
         build_git_captioner("tiny", tokenizer, vision_stem="conv", vision_stem_extra_convs=5)
     with pytest.raises(ValueError, match=r"image size \(40\) must be a multiple of the patch size \(16\)"):
         build_git_captioner("tiny", tokenizer, vision_stem="conv", image_config={"image_size": 40})
+    with pytest.raises(ValueError, match="multiple of the patch size"):  # a patch conv would drop the last 8 pixels
+        build_git_captioner("tiny", tokenizer, image_config={"image_size": 40})
 
 
 def test_training_and_every_sampler(tokenizer):

@@ -54,7 +54,7 @@ def test_the_image_size_from_the_command_line_must_fit_gits_patches(capsys):
     assert parse_args(["--model", "cnn_gru", "--image-size", "150"])[0].image_size == 150  # no patches there
     for argv, message in [(["--image-size", "150"], "use a multiple of 16 (e.g. 144)"),
                           (["--model", "git", "--backbone", "patch_size=32", "--image-size", "144"], "multiple of 32"),
-                          (["--image-size", "4"], "at least 8 pixels")]:
+                          (["--model", "cnn_gru", "--image-size", "24"], "at least 32 pixels")]:
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert message in capsys.readouterr().err
@@ -67,6 +67,9 @@ def test_a_run_at_another_image_size_trains_and_saves_the_model_at_that_size(tmp
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "images 48 px" in done.stdout
     (model_path,) = tmp_path.glob("*/git/model.keras")
+    done_info = json.loads((model_path.parent / "DONE.json").read_text())
+    assert (done_info["image_size"], done_info["augment"]) == (48, True)  # tiny augments (no preset setting)
+    assert "| git | tiny (48 px, augmented) |" in (model_path.parent.parent / "report.md").read_text()
     model = keras.saving.load_model(model_path)
     assert model.image_config["image_size"] == 48  # the preprocessing the SavedModel exports reads it from here
     assert model.backbone.vision_encoder.embedding.num_positions == (48 // 16) ** 2 + 1  # tiny's own 32 px: 5

@@ -111,8 +111,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                         "the first left; side by side, each may train until then (default 14.5, what the CPU presets are sized for; 0 = no limit)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random rotation, zoom and contrast on training images, never a flip (default: the "
-                        "preset's: on, except for the CNN-GRU's small preset, where it did not help within its CPU "
-                        "budget)")
+                        "preset's; off for the small presets, where it did not help within their CPU budgets)")
     p.add_argument("--concept-epochs", type=int, dest="concept_epochs",
                    help="epochs that first train the image encoder and concept head alone to predict each caption's "
                         "words, before the captioner trains (about half a captioner epoch each on CPU; they count "

@@ -43,7 +43,8 @@ PRESETS = {
         "image_config": {**GREYSCALE, "image_size": 128},
         "sequence_length": 32,
         # no augmentation: within 4 epochs it only slowed learning (synthetic test, all fields 52.7% vs 47.7%); with
-        # the 10 + 4 epochs of the default budget since, 95.0% against 94.4% (paired run, seed 0: within the noise).
+        # the 10-11 + 4 epochs of the default budget since, 95.0% against 94.4% (paired run, 2026-12-05, seed 0: within
+        # the noise).
         # Concept pretraining (pipelines/concept_pretraining.py) first: its epochs take ~32 s on 2 cores, a captioner
         # epoch ~55 s (the first ~75 s). Synthetic all fields: 5 captioner epochs 87.2%; 3 pretraining + 4 epochs
         # 90.6%; 6 + 3 92.6% (6.5 min, too long beside GIT). The 6.2-min budget (GIT's turn comes after) fits about

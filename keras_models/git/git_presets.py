@@ -59,8 +59,8 @@ PRESETS = {
         "image_config": {"image_size": 128, **GREY_IMAGE_CONFIG},
         "sequence_length": 32,
         # no augmentation: within 4 epochs it only slowed learning, as for the CNN-GRU. With the 7-9 pretraining epochs
-        # of today's budget (pipelines/dataset.py's rotation, zoom and contrast; paired runs, 12.7-min budget, all
-        # fields, augmented against not): 92.1% / 90.2% (seed 0), 91.8% / 90.7% (seed 1), 89.0% / 91.5% (seed 2, one
+        # that fit the 12.7-min budget on 2026-12-05 (pipelines/dataset.py's rotation, zoom and contrast; paired
+        # runs, all fields, augmented against not): 92.1% / 90.2% (seed 0), 91.8% / 90.7% (seed 1), 89.0% / 91.5% (seed 2, one
         # captioner epoch fewer), mean +0.2 points; the augmented seed-0 run alone, four times: 89.6-92.4%. Not adopted.
         # Also augmented, seed 0, against the same: 160 px instead of 128 (--image-size) fit 4 + 3 epochs instead of
         # 8 + 3: 82.5% against 92.4%; --epochs 5 fit 6 + 5 instead of 7 + 3: 87.8% against 91.6%; the concept loss

@@ -3,7 +3,8 @@
     python -m benchmarks.field_ceiling                                   # abdominal CT, 128 px, 12,000 images
     python -m benchmarks.field_ceiling --study mri/brain --image-size 256 --train 6000 --epochs 10
 
-The captioners learn every study at once from 8,000 images (about 670 of them abdominal CT). This trains
+The captioners learn every study at once from the synthetic set's 16,000 training images (1,406 of them
+abdominal CT; 702 of 8,000 before 2026-12-05). This trains
 the CNN-GRU small preset's image CNN (`keras_models.cnn_gru.encoders.compact_cnn`, its filters) with a
 plain classification head on one study alone, from as many freshly rendered images as asked: finding and
 size as one class, laterality as another. Its exact accuracy on held-out images of that study is what a

@@ -18,8 +18,8 @@ from pipelines.text import normalize_caption
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Training images are decoded once and kept in memory when the split's decoded pixels (float32 at the model's
-# size) fit in this many bytes: 8,000 synthetic images at 128 px take 0.5 GiB (shuffling an epoch briefly holds
-# two more copies). Larger splits are decoded every epoch.
+# size) fit in this many bytes: the 16,000 synthetic training images at 128 px take 0.98 GiB (shuffling an epoch
+# briefly holds two more copies). Larger splits are decoded every epoch.
 IMAGE_CACHE_BYTES = 2**30
 
 

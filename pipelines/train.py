@@ -25,6 +25,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python pipelines/train.py` from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipelines.synthetic import DEFAULT_SPLIT_SIZES  # noqa: E402  (after the path fix above)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 DEFAULT_CACHE = Path(os.environ.get("MEDCAP_CACHE_DIR", Path.home() / ".cache" / "medcap"))
@@ -57,7 +59,7 @@ class TrainConfig:
     strict: bool = False
     distribute: str = "none"
     parallel: bool | None = None
-    synthetic: dict | None = field(default_factory=lambda: {"n_train": 8000, "n_valid": 1000, "n_test": 1000})
+    synthetic: dict | None = field(default_factory=lambda: dict(DEFAULT_SPLIT_SIZES))
 
 
 def backbone_setting(text: str) -> tuple[str, object]:
@@ -115,8 +117,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
     p.add_argument("--concept-epochs", type=int, dest="concept_epochs",
                    help="epochs that first train the image encoder and concept head alone to predict each caption's "
                         "words, before the captioner trains (about half a captioner epoch each on CPU; they count "
-                        "against the time budget, which cuts them first). Default: the preset's (small: CNN-GRU 12, "
-                        "GIT 10, as many as the budget fits; pretraining also stops after two epochs without a lower validation loss); "
+                        "against the time budget, which cuts them first). Default: the preset's (small: CNN-GRU 6, "
+                        "GIT 5, as many as the budget fits; pretraining also stops after two epochs without a lower validation loss); "
                         "0 = off, which did better for the CNN-GRU on a small real sample (README)")
     p.add_argument("--freeze-stem", action=argparse.BooleanOptionalAction, dest="freeze_stem",
                    help="after concept pretraining, freeze the image encoder's convolutions (CNN-GRU: the compact "
@@ -134,14 +136,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                         "preset's (small: 128; at least 32; GIT needs a multiple of its patch size, 16). Larger "
                         "sees smaller lesions and costs time: about (size / 128)^2 as much per epoch for the small "
                         "presets, more once the decoded training images no longer fit the 1 GiB in-memory cache "
-                        "(8,000 images: above about 180 px), when they are decoded every epoch")
+                        "(16,000 images: above about 128 px), when they are decoded every epoch")
     p.add_argument("--vocab-size", type=int, default=2000, dest="vocabulary_size",
                    help="WordPiece vocabulary size learned from the training captions")
     p.add_argument("--sequence-length", type=int, help="maximum caption length in tokens (default: the preset's)")
     p.add_argument("--max-train-examples", type=int, help="use only the first N training records (quick trials)")
     p.add_argument("--eval-split", default="test", help="split to evaluate on at the end (falls back to valid)")
     p.add_argument("--synthetic-size", type=int, nargs=3, metavar=("TRAIN", "VALID", "TEST"),
-                   help="image counts of the generated synthetic set (default 8000 1000 1000)")
+                   help="image counts of the generated synthetic set (default "
+                        + " ".join(str(n) for n in DEFAULT_SPLIT_SIZES.values()) + ")")
     p.add_argument("--out", default="runs", help="parent folder of run directories")
     p.add_argument("--run-dir", default="", help="use this run directory instead of a new timestamped one; "
                    "launched again, it continues the run (every multi-worker node names the same shared folder)")

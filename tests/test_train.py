@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_the_saved_config_names_synthetic_sizes_only_for_the_synthetic_set():
-    assert parse_args([])[0].synthetic == {"n_train": 8000, "n_valid": 1000, "n_test": 1000}
+    assert parse_args([])[0].synthetic == {"n_train": 16000, "n_valid": 1000, "n_test": 1000}
     assert parse_args(["--synthetic-size", "80", "10", "10"])[0].synthetic["n_train"] == 80
     assert parse_args(["--dataset", "pipelines/examples"])[0].synthetic is None
     with pytest.raises(SystemExit):

@@ -1,4 +1,4 @@
-"""How well can one study's findings be read from its synthetic images at all? A dedicated classifier's ceiling.
+"""How well can one study's findings be read from its synthetic images? A classifier trained on that study alone.
 
     python -m benchmarks.field_ceiling                                   # abdominal CT, 128 px, 12,000 images
     python -m benchmarks.field_ceiling --study mri/brain --image-size 256 --train 6000 --epochs 10
@@ -7,17 +7,20 @@ The captioners learn every study at once from the synthetic set's 16,000 trainin
 abdominal CT; 702 of 8,000 before 2026-12-05). This trains
 the CNN-GRU small preset's image CNN (`keras_models.cnn_gru.encoders.compact_cnn`, its filters) with a
 plain classification head on one study alone, from as many freshly rendered images as asked: finding and
-size as one class, laterality as another. Its exact accuracy on held-out images of that study is what a
-model of that encoder reads from those pixels with far more data of the study than the captioners get,
-so a captioner's per-study accuracy can be set against it. Images go through `pipelines.images`, the
-captioners' own decoding, letterboxing and normalisation, at `--image-size`. Prints the test accuracy after
-each epoch and the most frequent confusions, and writes JSON.
+size as one class, laterality as another. Its exact accuracy on held-out images of that study is what
+that encoder learns from those pixels given N images of the study and E epochs: a reference for a
+captioner's accuracy on the study, and a lower bound on what the pixels allow (another head or more
+epochs may read more). Images are rendered at 256 px and go through `pipelines.images`, the captioners'
+own decoding, letterboxing and normalisation, at `--image-size`. Prints the test accuracy after each
+epoch and the most frequent confusions, and writes JSON. Memory: the float32 images (12,000 at 128 px:
+0.8 GB) about three times over while training starts; at 256 px four times that.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import math
 import time
 from collections import Counter
 from multiprocessing import get_context
@@ -26,7 +29,8 @@ import numpy as np
 
 from benchmarks.common import limit_threads, write_json
 
-SEED = 11  # rendering seed: not the synthetic dataset's (0), so no image here is one of its images
+SEED = 11  # rendering seed: not the default synthetic dataset's (0), so no image here is one of its images
+SPLIT_CODES = {"train": 0, "test": 1}
 
 
 def _render(job: tuple[str, str, int, int]) -> tuple[bytes, dict]:
@@ -36,12 +40,12 @@ def _render(job: tuple[str, str, int, int]) -> tuple[bytes, dict]:
     from pipelines.synthetic import render_example, sample_fields
 
     study, split, index, size = job
-    rng = np.random.default_rng([SEED, split == "test", index])
+    rng = np.random.default_rng([SEED, SPLIT_CODES[split], index])
     while True:
         fields = sample_fields(rng)
         if f"{fields['modality']}/{fields['region']}" == study:
             break
-    image, _ = render_example(fields, (SEED, split == "test", index), size)
+    image, _ = render_example(fields, (SEED, SPLIT_CODES[split], index), size)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue(), fields
@@ -49,9 +53,14 @@ def _render(job: tuple[str, str, int, int]) -> tuple[bytes, dict]:
 
 def render_study(study: str, split: str, n: int, size: int = 256, workers: int = 2) -> tuple[list[bytes], list[dict]]:
     """`n` rendered images of `study` ("ct/abdomen") and their fields; the same call gives the same images."""
+    if split not in SPLIT_CODES:
+        raise ValueError(f"split must be one of {list(SPLIT_CODES)}, got {split!r}")
     jobs = [(study, split, i, size) for i in range(n)]
-    with get_context("spawn").Pool(workers) as pool:
-        out = pool.map(_render, jobs, chunksize=100)
+    if workers == 1:
+        out = [_render(job) for job in jobs]
+    else:
+        with get_context("spawn").Pool(workers) as pool:
+            out = pool.map(_render, jobs, chunksize=100)
     return [png for png, _ in out], [fields for _, fields in out]
 
 
@@ -97,16 +106,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="JSON path (default benchmarks/results/field_ceiling.json)")
     args = p.parse_args(argv)
-    limit_threads(args.threads)
-    import keras
-
-    from keras_models.cnn_gru.presets import PRESETS
-    from keras_models.schedules import WarmupCosine
     from pipelines.synthetic import VIEWS_BY_STUDY
 
     studies = sorted(f"{m}/{r}" for m, r in VIEWS_BY_STUDY)
     if args.study not in studies:
         p.error(f"unknown study {args.study!r}; choose one of {', '.join(studies)}")
+    limit_threads(args.threads)
+    import keras
+
+    from keras_models.cnn_gru.presets import PRESETS
+    from keras_models.schedules import WarmupCosine
     small = PRESETS["small"]
     image_config = {**small["image_config"], "image_size": args.image_size}
     started = time.perf_counter()
@@ -114,13 +123,15 @@ def main(argv: list[str] | None = None) -> dict:
     test_png, test_fields = render_study(args.study, "test", args.test, workers=args.threads)
     finding_classes, side_classes, y_finding, y_side = labels(train_fields + test_fields)
     x_train, x_test = preprocess(train_png, image_config), preprocess(test_png, image_config)
+    del train_png, test_png
+    prepare_seconds = time.perf_counter() - started
     print(f"{args.study}: {args.train} + {args.test} images at {args.image_size} px rendered and preprocessed in "
-          f"{time.perf_counter() - started:.0f} s; classes {finding_classes}, laterality {side_classes}", flush=True)
+          f"{prepare_seconds:.0f} s; classes {finding_classes}, laterality {side_classes}", flush=True)
     n = args.train
     keras.utils.set_random_seed(0)
     model = build_classifier(image_config, small["backbone"]["encoder_filters"], len(finding_classes),
                              len(side_classes))
-    steps_per_epoch = max(1, n // 64)
+    steps_per_epoch = math.ceil(n / 64)
     schedule = WarmupCosine(2e-3, args.epochs, steps_per_epoch, warmup_steps=min(200, steps_per_epoch))
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
                   loss=[keras.losses.SparseCategoricalCrossentropy(from_logits=True)] * 2)
@@ -148,8 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
     confusions = Counter((finding_classes[t], finding_classes[q]) for t, q in zip(y_finding[n:], predicted) if t != q)
     print("most frequent finding/size errors (true -> predicted): " + ", ".join(
         f"{t} -> {q}: {k}" for (t, q), k in confusions.most_common(6)))
-    print(f"trained in {time.perf_counter() - fit_started:.0f} s")
-    payload = {"args": vars(args), "image_config": image_config, "classes": finding_classes, "sides": side_classes,
+    fit_seconds = time.perf_counter() - fit_started
+    print(f"trained in {fit_seconds:.0f} s")
+    payload = {"args": {k: v for k, v in vars(args).items() if k != "json"}, "image_config": image_config,
+               "prepare_seconds": round(prepare_seconds, 1), "fit_seconds": round(fit_seconds, 1),
+               "classes": finding_classes, "sides": side_classes,
                "history": history, "confusions": [[t, q, k] for (t, q), k in confusions.most_common()]}
     write_json("field_ceiling", payload, args.json)
     return payload

@@ -40,6 +40,26 @@ def child(threads: int, train_args: list[str]) -> int:
     return train(train_args)
 
 
+def prepare_synthetic(common: list[str], variants: dict[str, list[str]]) -> None:
+    """Render the synthetic set the variants train on once, here, before they start.
+
+    Two runs that each found the cache stale (after a change of the default set) would both render it and swap it
+    in, one under the other's feet. Variants that ask for different synthetic sets are refused: they share one cache.
+    """
+    sys.path.insert(0, str(REPO))
+    from pipelines.train import DEFAULT_CACHE, parse_args
+
+    wanted = {name: parse_args([*common, *extra])[0] for name, extra in variants.items()}
+    sizes = {name: cfg.synthetic for name, cfg in wanted.items() if not cfg.dataset}
+    if len({json.dumps(size, sort_keys=True) for size in sizes.values()}) > 1:
+        raise SystemExit(f"the variants ask for different synthetic sets ({sizes}), which share one cache: render one "
+                         "with python -m pipelines.synthetic --out DIR --train N and give that variant --dataset DIR")
+    if sizes:
+        from pipelines.synthetic import ensure_dataset
+
+        ensure_dataset(DEFAULT_CACHE / "synthetic", seed=0, **next(iter(sizes.values())))
+
+
 def run_pair(out: Path, seed: int, common: list[str], variants: dict[str, list[str]], threads: int) -> dict[str, Path]:
     """Train every variant of one seed at once (skipping runs already finished); {variant: run dir}."""
     runs, processes = {}, {}
@@ -118,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"a": shlex.split(args.a), "b": shlex.split(args.b)}
     print(f"paired runs in {out}: a = {args.a or '(as they are)'}; b = {args.b}; both: {shlex.join(common)}; "
           f"{threads} thread(s) each")
+    prepare_synthetic(common, variants)
     results = []
     for seed in args.seeds:
         for name, run_dir in run_pair(out, seed, common, variants, threads).items():

@@ -30,3 +30,20 @@ def test_paired_runs_train_both_variants_with_their_own_arguments_and_report_the
 
     assert main(args) == 0  # finished runs are read again, not retrained
     assert capsys.readouterr().out.count("already finished") == 2
+
+
+def test_the_parent_renders_the_synthetic_set_once_and_refuses_two_sizes(monkeypatch):
+    import pytest
+
+    import pipelines.synthetic
+    from benchmarks.paired_runs import prepare_synthetic
+
+    calls = []
+    monkeypatch.setattr(pipelines.synthetic, "ensure_dataset", lambda out, **params: calls.append(params))
+    prepare_synthetic(["--model", "git"], {"a": [], "b": ["--learning-rate", "1e-3"]})
+    assert calls == [{"seed": 0, "n_train": 16000, "n_valid": 1000, "n_test": 1000}]
+    prepare_synthetic(TINY_RUN, {"a": [], "b": []})  # a dataset of their own: nothing to render
+    assert len(calls) == 1
+    with pytest.raises(SystemExit, match="different synthetic sets"):
+        prepare_synthetic([], {"a": [], "b": ["--synthetic-size", "8000", "1000", "1000"]})
+    assert len(calls) == 1

@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 
 PARAMETERS = '''\
 # Parameters: FAST = tiny settings that run in about a minute on 2 CPU cores (what CI runs).
-# Set FAST = False (or MEDCAP_NOTEBOOK_FAST=0) for the real thing: the 10,000-image synthetic set and CPU presets.
+# Set FAST = False (or MEDCAP_NOTEBOOK_FAST=0) for the real thing: the 18,000-image synthetic set and CPU presets.
 import os
 from pathlib import Path
 
@@ -34,7 +34,7 @@ print(f"FAST={FAST}  outputs: {OUT}  real sample: {REAL_SAMPLE}")'''
 SYNTHETIC = '''\
 from pipelines.synthetic import ensure_dataset
 
-if FAST:  # a tiny set of its own, so the shared 10,000-image cache is never replaced
+if FAST:  # a tiny set of its own, so the shared 18,000-image cache is never replaced
     SYNTHETIC_DIR = ensure_dataset(OUT / "synthetic-tiny", workers=1, n_train=96, n_valid=24, n_test=24,
                                    image_size=128, seed=0)
 else:  # the set pipelines/train.py uses by default (generated once, a few minutes)

@@ -1263,9 +1263,11 @@ def _render_chunk(job: tuple[str, int, int, int, int, str]) -> tuple[str, list[t
     return split, rows
 
 
-# The default split sizes (train.py's default run). 16,000 training images, not 8,000: the small presets read
-# abdominal CT, their weakest study, from 1,406 of them instead of 702 (benchmarks/field_ceiling.py), and in a
-# paired 12.7-min run GIT small scored 93.1% all fields against 90.3% (4 + 1 epochs against 8 + 3, the same steps).
+# The default split sizes (train.py's default run). 16,000 training images since 2026-12-05 (8,000 before): the
+# small presets' weakest study, abdominal CT, then has 1,406 images instead of 702, and a classifier of that study
+# alone needed thousands (benchmarks/field_ceiling.py). Measured: the CNN-GRU's default run 96.7% all fields (its
+# best); GIT small 93.1% against 90.3% in a paired 12.7-min run (4 + 1 epochs against 8 + 3, one seed), 90.6% in
+# the default run (README "Status").
 DEFAULT_SPLIT_SIZES = {"n_train": 16000, "n_valid": 1000, "n_test": 1000}
 
 

@@ -118,7 +118,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                    help="epochs that first train the image encoder and concept head alone to predict each caption's "
                         "words, before the captioner trains (about half a captioner epoch each on CPU; they count "
                         "against the time budget, which cuts them first). Default: the preset's (small: CNN-GRU 6, "
-                        "GIT 5, as many as the budget fits; pretraining also stops after two epochs without a lower validation loss); "
+                        "GIT 5, as many as the budget fits; pretraining also stops after two epochs without a lower "
+                        "validation loss); "
                         "0 = off, which did better for the CNN-GRU on a small real sample (README)")
     p.add_argument("--freeze-stem", action=argparse.BooleanOptionalAction, dest="freeze_stem",
                    help="after concept pretraining, freeze the image encoder's convolutions (CNN-GRU: the compact "

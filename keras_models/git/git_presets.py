@@ -83,8 +83,9 @@ PRESETS = {
         # Twice the training images (16,000, the default synthetic set since 2026-12-05; epochs above are of the
         # 8,000 before): paired 12.7-min runs, seed 0, 4 + 1 epochs (--epochs 2; the second did not fit) 93.1% all
         # fields against 8 + 3 on 8,000 images 90.3%; the pretraining's validation word loss 16.90 against 17.41.
-        # With the 3 captioner epochs planned as before, 2 + 3: 87.0% against 91.7%. Planned epochs halved with the
-        # set (were 3 and 10). The first default run on it fit 3 + 2: 90.6%, under the 91.0-91.4% of those before.
+        # With the 3 captioner epochs planned as before, 2 + 3: 87.0% against 91.7%. Planned epochs now 2 and 5 (were 3
+        # and 10; 2 of 16,000 is 1,000 steps against 750). The first default run on it fit 3 + 2: 90.6%, under the
+        # 91.0-91.4% of those before.
         "train": {"epochs": 2, "concept_epochs": 5, "batch_size": 32, "learning_rate": 2e-3, "time_budget_minutes": 6.8,
                   "augment": False, "freeze_stem": True},
     },

@@ -4,16 +4,16 @@
     python -m benchmarks.field_ceiling --study mri/brain --image-size 256 --train 6000 --epochs 10
 
 The captioners learn every study at once from the synthetic set's 16,000 training images (1,406 of them
-abdominal CT; 702 of 8,000 before 2026-12-05). This trains
-the CNN-GRU small preset's image CNN (`keras_models.cnn_gru.encoders.compact_cnn`, its filters) with a
-plain classification head on one study alone, from as many freshly rendered images as asked: finding and
-size as one class, laterality as another. Its exact accuracy on held-out images of that study is what
-that encoder learns from those pixels given N images of the study and E epochs: a reference for a
-captioner's accuracy on the study, and a lower bound on what the pixels allow (another head or more
-epochs may read more). Images are rendered at 256 px and go through `pipelines.images`, the captioners'
-own decoding, letterboxing and normalisation, at `--image-size`. Prints the test accuracy after each
-epoch and the most frequent confusions, and writes JSON. Memory: the float32 images (12,000 at 128 px:
-0.8 GB) about three times over while training starts; at 256 px four times that.
+abdominal CT; 702 of 8,000 before 2026-12-05). This trains the CNN-GRU small preset's image CNN
+(`keras_models.cnn_gru.encoders.compact_cnn`, its filters) with a plain classification head on one study
+alone, from as many freshly rendered images as asked: finding and size as one class, laterality as another.
+Its exact accuracy on held-out images of that study is what that encoder learns from those pixels given N
+images of the study and E epochs: a reference for a captioner's accuracy on the study, and a lower bound on
+what the pixels allow (another head or more epochs may read more). Images are rendered at 256 px and go
+through `pipelines.images`, the captioners' own decoding, letterboxing and normalisation, at `--image-size`.
+Prints the test accuracy after each epoch and the most frequent confusions, and writes JSON. Memory: the
+float32 images take 0.8 GB for 12,000 at 128 px (four times that at 256 px); Keras may copy them while
+training starts (an estimate, not measured).
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from keras_models.cnn_gru.presets import PRESETS
     from keras_models.schedules import WarmupCosine
+
     small = PRESETS["small"]
     image_config = {**small["image_config"], "image_size": args.image_size}
     started = time.perf_counter()

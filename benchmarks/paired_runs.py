@@ -46,7 +46,6 @@ def prepare_synthetic(common: list[str], variants: dict[str, list[str]]) -> None
     Two runs that each found the cache stale (after a change of the default set) would both render it and swap it
     in, one under the other's feet. Variants that ask for different synthetic sets are refused: they share one cache.
     """
-    sys.path.insert(0, str(REPO))
     from pipelines.train import DEFAULT_CACHE, parse_args
 
     wanted = {name: parse_args([*common, *extra])[0] for name, extra in variants.items()}

@@ -118,14 +118,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, str | None]:
                    help="epochs that first train the image encoder and concept head alone to predict each caption's "
                         "words, before the captioner trains (about half a captioner epoch each on CPU; they count "
                         "against the time budget, which cuts them first). Default: the preset's (small: CNN-GRU 6, "
-                        "GIT 5, as many as the budget fits; pretraining also stops after two epochs without a lower "
+                        "GIT 8, as many as the budget fits; pretraining also stops after two epochs without a lower "
                         "validation loss); "
                         "0 = off, which did better for the CNN-GRU on a small real sample (README)")
     p.add_argument("--freeze-stem", action=argparse.BooleanOptionalAction, dest="freeze_stem",
                    help="after concept pretraining, freeze the image encoder's convolutions (CNN-GRU: the compact "
                         "CNN; GIT: its conv stem) while the captioner trains the rest: "
-                        "faster epochs. Default: the preset's (small: on; the time saved fits one more captioner "
-                        "epoch for each model)")
+                        "faster epochs. Default: the preset's (small: on; the time saved goes to more epochs)")
     p.add_argument("--backbone", action="append", type=backbone_setting, default=[], metavar="KEY=VALUE",
                    help="replace one of the preset's backbone settings for this run, e.g. --backbone dropout=0 "
                         "--backbone vision_num_layers=3 (repeatable; VALUE is a Python literal, a bare word a string; "

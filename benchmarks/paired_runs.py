@@ -54,9 +54,9 @@ def prepare_synthetic(common: list[str], variants: dict[str, list[str]]) -> None
         raise SystemExit(f"the variants ask for different synthetic sets ({sizes}), which share one cache: render one "
                          "with python -m pipelines.synthetic --out DIR --train N and give that variant --dataset DIR")
     if sizes:
-        from pipelines.synthetic import ensure_dataset
+        from pipelines.training import synthetic_dataset
 
-        ensure_dataset(DEFAULT_CACHE / "synthetic", seed=0, **next(iter(sizes.values())))
+        synthetic_dataset(next(iter(sizes.values())), DEFAULT_CACHE)
 
 
 def run_pair(out: Path, seed: int, common: list[str], variants: dict[str, list[str]], threads: int) -> dict[str, Path]:

@@ -151,6 +151,13 @@ def warmup_cosine(learning_rate: float, epochs: int, steps: int) -> WarmupCosine
     return WarmupCosine(learning_rate, epochs, steps, warmup_steps=min(steps, 200), warmup_start=0.1, alpha=0.05)
 
 
+def synthetic_dataset(sizes: dict, cache_dir: Path) -> Path:
+    """The embedded synthetic set with these split sizes, rendered into `cache_dir` unless already there."""
+    from pipelines.synthetic import ensure_dataset
+
+    return ensure_dataset(cache_dir / "synthetic", seed=0, **sizes)
+
+
 def prepare_data(cfg, cache_dir: Path) -> tuple[Path | str, dict, dict]:
     """The dataset root, its validated splits (records, or shards of a TFRecord dataset) and their reports."""
     tfrecords = bool(cfg.dataset) and is_tfrecord_dataset(cfg.dataset)
@@ -159,9 +166,7 @@ def prepare_data(cfg, cache_dir: Path) -> tuple[Path | str, dict, dict]:
     elif cfg.dataset:
         root = Path(cfg.dataset)
     else:
-        from pipelines.synthetic import ensure_dataset
-
-        root = ensure_dataset(cache_dir / "synthetic", seed=0, **cfg.synthetic)
+        root = synthetic_dataset(cfg.synthetic, cache_dir)
     splits, reports = {}, {}
     available = list_tfrecord_splits(root) if tfrecords else list_splits(root)
     if "train" not in available or "valid" not in available:

@@ -3,7 +3,7 @@
 `keras_models.concepts.ConceptTagger` fits the image encoder and the concept head to predict which
 words each training caption uses. An epoch of it costs about half a captioner epoch on CPU (no decoder
 runs), and on the synthetic set 3 such epochs before 4 captioner epochs beat 5 captioner epochs
-(all fields 87.2% -> 90.6%, README "Status"). The captioner then starts from the trained encoder and head
+(all fields 87.2% -> 90.6%, `benchmarks/default_runs.md`). The captioner then starts from the trained encoder and head
 of the pretraining epoch with the lowest validation word loss.
 
 Resuming loses at most one epoch: the tagger has its own backup while it trains, and its weights are

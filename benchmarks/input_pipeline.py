@@ -35,10 +35,10 @@ def records_for(dataset: str | None, count: int) -> tuple[list, str]:
     elif (SHARED_ROCO / "train_captions.csv").is_file():
         root = SHARED_ROCO
     else:
-        from pipelines.synthetic import ensure_dataset
         from pipelines.train import DEFAULT_CACHE
+        from pipelines.training import synthetic_dataset
 
-        root = ensure_dataset(DEFAULT_CACHE / "synthetic", seed=0)
+        root = synthetic_dataset(DEFAULT_CACHE)
     records, _ = read_split(root, "train")
     return records[:count], str(root)
 

@@ -56,7 +56,7 @@ def prepare_synthetic(common: list[str], variants: dict[str, list[str]]) -> None
     if sizes:
         from pipelines.training import synthetic_dataset
 
-        synthetic_dataset(next(iter(sizes.values())), DEFAULT_CACHE)
+        synthetic_dataset(DEFAULT_CACHE, next(iter(sizes.values())))
 
 
 def run_pair(out: Path, seed: int, common: list[str], variants: dict[str, list[str]], threads: int) -> dict[str, Path]:

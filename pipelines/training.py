@@ -151,11 +151,11 @@ def warmup_cosine(learning_rate: float, epochs: int, steps: int) -> WarmupCosine
     return WarmupCosine(learning_rate, epochs, steps, warmup_steps=min(steps, 200), warmup_start=0.1, alpha=0.05)
 
 
-def synthetic_dataset(sizes: dict, cache_dir: Path) -> Path:
-    """The embedded synthetic set with these split sizes, rendered into `cache_dir` unless already there."""
+def synthetic_dataset(cache_dir: Path, sizes: dict | None = None) -> Path:
+    """The embedded synthetic set (the default split sizes unless `sizes`), rendered into `cache_dir` unless there."""
     from pipelines.synthetic import ensure_dataset
 
-    return ensure_dataset(cache_dir / "synthetic", seed=0, **sizes)
+    return ensure_dataset(cache_dir / "synthetic", seed=0, **(sizes or {}))
 
 
 def prepare_data(cfg, cache_dir: Path) -> tuple[Path | str, dict, dict]:
@@ -166,7 +166,7 @@ def prepare_data(cfg, cache_dir: Path) -> tuple[Path | str, dict, dict]:
     elif cfg.dataset:
         root = Path(cfg.dataset)
     else:
-        root = synthetic_dataset(cfg.synthetic, cache_dir)
+        root = synthetic_dataset(cache_dir, cfg.synthetic)
     splits, reports = {}, {}
     available = list_tfrecord_splits(root) if tfrecords else list_splits(root)
     if "train" not in available or "valid" not in available:

@@ -216,7 +216,7 @@ class GitBackbone(FreezableImageStem, keras_hub.models.Backbone):
         """The vision encoder's convolutional stem (`vision_stem="conv"`); [] with CLIP's patch convolution.
 
         With `--freeze-stem`, `pipelines.training` freezes it after concept pretraining and trains the transformer
-        layers above it, as the `small` preset does (after 7-8 pretraining epochs on 8,000 images, or 4-5 on 16,000,
+        layers above it, as the `small` preset does (after 7-8 pretraining epochs on 8,000 images, or 4-8 on 16,000,
         the stem has learned its part).
         """
         return [self.vision_encoder.embedding.patch_embedding] if self.vision_stem == "conv" else []

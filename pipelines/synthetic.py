@@ -1267,8 +1267,8 @@ def _render_chunk(job: tuple[str, int, int, int, int, str]) -> tuple[str, list[t
 # small presets' weakest study, abdominal CT, then has 1,406 images instead of 702, and a classifier of that study
 # alone needed thousands (benchmarks/field_ceiling.py). Measured: the CNN-GRU's default runs on it 96.7%, 96.9%, 97.0%
 # all fields (its best); GIT small 93.1% against 90.3% in a paired 12.7-min run (4 + 1 epochs against 8 + 3, one
-# seed), 90.6% (3 + 2), 93.2% (4 + 1; 1 captioner epoch planned since) and 97.6% (8 + 1, its deeper stem) in default runs
-# (README "Status", `benchmarks/default_runs.md`).
+# seed), 90.6% (3 + 2), 93.2% (4 + 1; 1 captioner epoch planned since) and 97.6% (8 + 1, its deeper stem) in
+# default runs (README "Status", `benchmarks/default_runs.md`).
 DEFAULT_SPLIT_SIZES = {"n_train": 16000, "n_valid": 1000, "n_test": 1000}
 
 

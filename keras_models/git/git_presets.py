@@ -81,9 +81,9 @@ PRESETS = {
         # fields against the preset of then): seed 0 96.2% against 95.2%, seed 1 96.8% against 94.4%, seed 2 97.2%
         # against 94.9% (8 + 1 both), seed 3 97.9% against 96.4% (8 + 1 both): +1.0 to +2.4, mean +1.8 points, every
         # seed better; at seeds 2 and 3 every field at 98% or more (finding 98.1 / 98.2, laterality 99.7 / 99.5, size
-        # 98.4 / 99.2). Its 8 pretraining epochs (seeds 2 and 3) took 543 and 514 s (the preset's 498 and 588 s, one thread each),
-        # its captioner epoch 88 and 83 s (93 s). Adopted; the next default run (fresh clone, beside the CNN-GRU) fit
-        # 8 + 1: 97.6%, finding 98.1, laterality 99.2, size 99.0.
+        # 98.4 / 99.2). Its 8 pretraining epochs (seeds 2 and 3) took 543 and 514 s (the preset's 498 and 588 s, one
+        # thread each), its captioner epoch 88 and 83 s (93 s). Adopted; the next default run (fresh clone, beside the
+        # CNN-GRU) fit 8 + 1: 97.6%, finding 98.1, laterality 99.2, size 99.0.
         # learning rate 2e-3, as the CNN-GRU's (was 1e-3; python -m benchmarks.paired_runs, 12.7-min budget, all fields):
         # seed 1 89.6% against 86.1% (8 + 3 epochs each), seed 0 90.9% (8 + 3) against 88.4% (9 + 2), seed 2 90.3%
         # (9 + 2) against 89.0% (8 + 2); 3e-3 against 2e-3: 92.1% against 92.6% (seed 0). Dropout 0 against 0.1 at

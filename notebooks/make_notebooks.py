@@ -37,9 +37,10 @@ from pipelines.synthetic import ensure_dataset
 if FAST:  # a tiny set of its own, so the shared 18,000-image cache is never replaced
     SYNTHETIC_DIR = ensure_dataset(OUT / "synthetic-tiny", workers=1, n_train=96, n_valid=24, n_test=24,
                                    image_size=128, seed=0)
-else:  # the set pipelines/train.py uses by default (generated once, a few minutes)
+else:  # the set pipelines/train.py uses by default (rendered once into its cache, under a minute)
     from pipelines.train import DEFAULT_CACHE
-    SYNTHETIC_DIR = ensure_dataset(DEFAULT_CACHE / "synthetic", seed=0)
+    from pipelines.training import synthetic_dataset
+    SYNTHETIC_DIR = synthetic_dataset(DEFAULT_CACHE)
 print(SYNTHETIC_DIR)'''
 
 

@@ -48,15 +48,18 @@ def machine() -> dict:
     """The machine and software a figure came from, and its 1-minute load average (this run included)."""
     import tensorflow as tf
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    fields = {}
+    try:  # the first processor's entries; a VM's "model name" alone ("AMD EPYC") hides its generation
+        for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
+    flags = set(fields.get("flags", "").split())
+    info = {"cpu": fields.get("model name", platform.processor()), "cores": os.cpu_count(),
+            "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
+            "vector_isa": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags],
+            "load_average_1m": round(os.getloadavg()[0], 2),
             "python": platform.python_version(), "tensorflow": tf.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     try:

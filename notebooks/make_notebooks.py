@@ -49,7 +49,7 @@ def notebook(title: str, intro: str, cells: list[tuple[str, str]]) -> nbformat.N
     nb = new_notebook()
     nb.cells = [new_markdown_cell(f"# {title}\n\n{intro}"), new_code_cell(PARAMETERS)]
     nb.cells += [new_markdown_cell(src) if kind == "md" else new_code_cell(src) for kind, src in cells]
-    for index, cell in enumerate(nb.cells):  # stable ids, so regenerating changes only the cells edited
+    for index, cell in enumerate(nb.cells):  # stable ids: regenerating changes only cells edited in place
         cell.id = f"cell-{index}"
     nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                    "language_info": {"name": "python"}}

@@ -15,6 +15,11 @@ CORE = [
     "matplotlib",
     "pandas",
     "pydicom",
+    # pixel-data decoders for compressed DICOM, as PACS archives store it (JPEG Lossless, JPEG-LS, JPEG 2000,
+    # HTJ2K): GDCM (BSD) and pylibjpeg's OpenJPEG plugin (MIT); pylibjpeg-libjpeg (GPL) is left out, GDCM covers it
+    "python-gdcm",
+    "pylibjpeg",
+    "pylibjpeg-openjpeg",
     "pycocoevalcap",
     "tqdm",
 ]

@@ -3,7 +3,8 @@
 The model reads only PNG and JPEG, so the client turns a DICOM file into PNG bytes here:
 modality rescale (slope/intercept), then the VOI LUT or window centre/width (min/max of the
 frame when the file has neither), MONOCHROME1 inverted, the middle frame of a multi-frame
-image, colour kept as RGB (YBR converted).
+image, colour kept as RGB (YBR converted). Compressed pixel data (JPEG Lossless, JPEG-LS, JPEG 2000,
+HTJ2K, RLE) is decoded by the handlers medcap installs with pydicom: GDCM and pylibjpeg-openjpeg.
 
 Privacy: only the PNG pixels leave the machine. Patient-identifying fields are never logged,
 printed, put in exception messages or returned: errors carry only technical facts (transfer
@@ -191,7 +192,8 @@ def _check_decodable(ds: Dataset) -> None:
         raise DicomError(
             f"Cannot decode transfer syntax {syntax} ({syntax.name}): no pixel-data handler for it is "
             f"installed. Install one of: {'; '.join(decoder.missing_dependencies)} "
-            "(e.g. pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg)."
+            "(medcap's install has python-gdcm, pylibjpeg and pylibjpeg-openjpeg, which decode JPEG Lossless, "
+            "JPEG-LS and JPEG 2000)."
         )
 
 

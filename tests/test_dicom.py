@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import types
 import warnings
 
 import numpy as np
@@ -208,16 +209,65 @@ COMPRESSED = [uid.JPEGLSLossless, uid.HTJ2KLossless, uid.JPEGLosslessSV1, uid.JP
 
 
 @pytest.mark.parametrize("syntax", COMPRESSED, ids=lambda s: s.name)
-def test_compressed_without_a_handler(syntax, logs):
-    if get_decoder(syntax).is_available:
-        pytest.skip(f"a {syntax.name} decoder is installed here")
+def test_compressed_syntaxes_of_pacs_archives_decode_with_what_medcap_installs(syntax):
+    assert get_decoder(syntax).is_available, get_decoder(syntax).missing_dependencies
+
+
+def _gdcm_compressed(data: bytes, syntax: str, folder) -> bytes:
+    """`data` (a DICOM file) with its pixels compressed by GDCM to `syntax`, as a PACS would store them."""
+    import gdcm
+
+    source, target = folder / "in.dcm", folder / "out.dcm"
+    source.write_bytes(data)
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(syntax)))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    return target.read_bytes()
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+@pytest.mark.parametrize("syntax", [uid.JPEGLosslessSV1, uid.JPEGLSLossless, uid.JPEG2000Lossless, uid.RLELossless],
+                         ids=lambda s: s.name)
+def test_lossless_compressed_ct_gives_the_uncompressed_png(syntax, signed, tmp_path, logs):
+    stored = np.random.default_rng(0).integers(0, 4096, (48, 40)) - (2048 if signed else 0)
+    ds = _dataset(stored.astype(np.int16 if signed else np.uint16), RescaleSlope=1,
+                  RescaleIntercept=0 if signed else -1024, WindowCenter=40, WindowWidth=400)
+    ds.PixelRepresentation = int(signed)
+    plain = _bytes(ds)
+    if syntax == uid.RLELossless:  # pydicom's own encoder
+        ds.compress(syntax)
+        compressed = _bytes(ds)
+    else:
+        compressed = _gdcm_compressed(plain, syntax, tmp_path)
+    assert pydicom.dcmread(io.BytesIO(compressed)).file_meta.TransferSyntaxUID == syntax
+    expected = _png(dicom_to_png(plain))
+    assert expected.std() > 0  # the window leaves more than one grey
+    np.testing.assert_array_equal(_png(dicom_to_png(compressed)), expected)
+    _assert_private(logs.text)
+
+
+@pytest.mark.parametrize("syntax", COMPRESSED, ids=lambda s: s.name)
+def test_compressed_without_a_handler(syntax, logs, monkeypatch):
+    import pipelines.dicom
+
+    missing = types.SimpleNamespace(is_available=False, missing_dependencies=["gdcm - requires gdcm>=3.0.10"])
+    monkeypatch.setattr(pipelines.dicom, "get_decoder", lambda _: missing)  # as where no handler is installed
     ds = _ct()
     ds.file_meta.TransferSyntaxUID = syntax
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\0" * 32])
     with pytest.raises(DicomError) as error:
         dicom_to_png(_bytes(ds))
     message = str(error.value)
-    assert syntax in message and syntax.name in message and "pylibjpeg" in message
+    assert syntax in message and syntax.name in message and "gdcm" in message and "python-gdcm" in message
     _assert_private(message, logs.text)
 
 

@@ -192,8 +192,8 @@ def _check_decodable(ds: Dataset) -> None:
         raise DicomError(
             f"Cannot decode transfer syntax {syntax} ({syntax.name}): no pixel-data handler for it is "
             f"installed. Install one of: {'; '.join(decoder.missing_dependencies)} "
-            "(medcap's install has python-gdcm, pylibjpeg and pylibjpeg-openjpeg, which decode JPEG Lossless, "
-            "JPEG-LS and JPEG 2000)."
+            "(pip install python-gdcm pylibjpeg pylibjpeg-openjpeg, as medcap's setup.py does, decodes JPEG "
+            "Lossless, JPEG-LS and JPEG 2000)."
         )
 
 

@@ -3,8 +3,8 @@
 The model reads only PNG and JPEG, so the client turns a DICOM file into PNG bytes here:
 modality rescale (slope/intercept), then the VOI LUT or window centre/width (min/max of the
 frame when the file has neither), MONOCHROME1 inverted, the middle frame of a multi-frame
-image, colour kept as RGB (YBR converted). Compressed pixel data (JPEG Lossless, JPEG-LS, JPEG 2000,
-HTJ2K, RLE) is decoded by the handlers medcap installs with pydicom: GDCM and pylibjpeg-openjpeg.
+image, colour kept as RGB (YBR converted). Compressed pixel data is decoded by pydicom (RLE, baseline JPEG)
+and the handlers medcap installs beside it: GDCM (JPEG Lossless, JPEG-LS, JPEG 2000), pylibjpeg-openjpeg (HTJ2K).
 
 Privacy: only the PNG pixels leave the machine. Patient-identifying fields are never logged,
 printed, put in exception messages or returned: errors carry only technical facts (transfer
